@@ -309,10 +309,13 @@ class WindowTransformer(nn.Module):
     """The transformer branch of a ResFormer stage (from MFE-UNet: long-range attention beside the
     convolutional stage, outputs summed). Pre-norm multi-head self-attention inside non-overlapping
     windows of ``window`` voxels per side, then an MLP; a map no larger than one window gets global
-    attention. Windows as in the official Swin-based code keep the cost linear in the number of
-    voxels at the high-resolution stages; we leave out Swin's shifted windows (the convolutional
-    branch already mixes neighbouring windows) and relative position bias (ours, to stay short).
-    A strided 1x1 projection brings the stage input to the stage's output size and channels."""
+    attention. Windows, as in the official code (Swin layers, window = image size / 16), keep the
+    cost linear in the number of voxels at the high-resolution stages, where global attention over
+    (H/4 x W/4) tokens, or a 3D volume's, would not fit; at the deep stages the window covers the
+    whole map, so attention there is global. Ours, to stay short: one block per stage without
+    Swin's shifted windows and relative position bias (the official code has two shifted Swin blocks;
+    the convolutional branch already mixes neighbouring windows), and a strided 1x1 projection in
+    place of patch merging to reach the stage's output size and channels."""
 
     def __init__(self, dims, cin, cout, stride, heads=4, window=8, mlp_ratio=2):
         super().__init__()
