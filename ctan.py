@@ -173,7 +173,7 @@ class PixelDecoder(nn.Module):
     def __init__(self, dims, channels, n_out, norm_kind="batch"):
         super().__init__()
         w = channels[0]
-        widths = [max(4, w * 4 // 2 ** i) for i in range(len(channels))]  # 4w, 2w, w, w/2, w/4
+        widths = [max(8, w * 4 // 2 ** i) for i in range(len(channels))]  # 4w, 2w, w, w/2, w/4 (at least 8)
         blocks, cin = [], channels[-1]
         for skip, cout in zip(channels[-2::-1], widths):  # skips from deep to shallow
             blocks.append(DecoderBlock(dims, cin, skip, cout, norm_kind))

@@ -760,13 +760,16 @@ def synth(name, out=None, n=None, size=None, seed=0) -> Path:
                                        "id": f"SYN_{split}_{i:05d}", "lesion_id": f"SYN_L{k:05d}",
                                        "original_size": (size, size)})
             return out
+        # STOIC labels: 60 % COVID, a third of those severe, dealt so that every split of >= 5 scans
+        # holds every class (otherwise a small val/test split can lack severe cases and its AUC is NaN).
+        stoic_labels = ((0, 0), (0, 0), (1, 0), (1, 0), (1, 1))
         for split, count in zip(SPLITS, counts):
             g = _create_split(f, split, count, name, (size,) * 3, len(spec.rois))
+            deal = rng.permutation(count) % len(stoic_labels)
             for i in range(count):
                 case = {"id": f"syn_{split}_{i:03d}"}
                 if name == "stoic":
-                    covid = rng.random() < 0.55
-                    severe = covid and rng.random() < 0.35
+                    covid, severe = stoic_labels[deal[i]]
                     voxel = np.full(3, 320.0 / size)
                     case.update(image=_synth_stoic_case(rng, size, covid, severe), covid=int(covid),
                                 severe=int(severe), voxel_dimensions=voxel, original_shape=(size,) * 3,

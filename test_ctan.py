@@ -21,6 +21,16 @@ import ctan
 import data
 import train
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions: one thread is faster, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ============================================================================================
 # ctan.py: the networks
 # ============================================================================================
@@ -943,8 +953,6 @@ def test_uncertainty_weighting_is_learnable():
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """Tiny synthetic files made by data.py: {name: path}."""
-    import data
-
     folder = tmp_path_factory.mktemp("data")
     sizes = {"openkbp": dict(n=10, size=32), "ham10000": dict(n=120, size=32), "stoic": dict(n=20, size=32)}
     return {name: data.synth(name, folder / f"{name}.h5", seed=1, **kw) for name, kw in sizes.items()}
@@ -1069,3 +1077,205 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic, tmp_pat
     err = capsys.readouterr().err
     assert e.value.code == 2 and "non-finite loss at epoch 2" in err
     assert torch.load(tmp_path / "n" / "last.pt", weights_only=False)["epoch"] == 1
+
+
+# ------------------------------------------------------------------ benchmark and multi-process training
+def test_bench_prints_one_json_line(synthetic, tmp_path, capsys):
+    """--bench runs (a measurement, so nothing about its times is asserted)."""
+    argv = _argv(synthetic, tmp_path / "bench", "ham10000", "ctan") + ["--bench", "--steps", "1", "--batch-size", "2"]
+    result = train.main(argv)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0]) == result
+    assert result["input"] == [2, 3, 192, 256]  # the real HAM10000 size, random tensors
+    assert result["params"] > 0 and result["samples_per_s"] > 0 and result["dtype"] == "fp32"
+    assert result["hdf5"]["input"] == [2, 3, 32, 32] and 0 <= result["hdf5"]["data_wait_fraction"] <= 1
+    assert not (tmp_path / "bench").exists()  # a benchmark writes no run
+
+
+def test_torchrun_two_processes_gloo(synthetic, tmp_path):
+    """DDP on CPU: two processes, each with half of every epoch's batches; process 0 alone writes."""
+    out = tmp_path / "ddp"
+    argv = _argv(synthetic, out, "ham10000", "ctan", "--epochs", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(train.__file__)), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 1/2 loss") == 1 and proc.stdout.count("epoch 2/2 loss") == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["auc"] == results["test"]["auc"]  # a number, not NaN
+    # 84 training items, 4 per process and step, 2 processes: 10 steps, capped at 3 (--max-steps-per-epoch)
+    assert "3 steps/epoch" in proc.stdout
+
+
+# ============================================================================================
+# train.py --arch guidance: deep multimodal guidance for dose
+# ============================================================================================
+GUIDANCE_TINY = ["--device", "cpu", "--workers", "0", "--width", "4", "--depth", "1,1,1,1", "--batch-size", "4",
+        "--max-steps-per-epoch", "2", "--epochs", "1", "--max-eval-cases", "1"]
+
+
+def _guidance_argv(path, out, *extra):
+    return ["--dataset", "openkbp", "--arch", "guidance", "--data", str(path), "--out", str(out), *GUIDANCE_TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def kbp(tmp_path_factory):
+    return data.synth("openkbp", tmp_path_factory.mktemp("gdata") / "openkbp.h5", n=4, size=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def done(kbp, tmp_path_factory):
+    """One full run of the four stages: (out folder, results, log lines)."""
+    out = tmp_path_factory.mktemp("guidance") / "run"
+    lines = []
+    results = train.run_guidance(train.parse_args(_guidance_argv(kbp, out)), log=lines.append)
+    return out, results, lines
+
+
+def _splits(cfg):
+    return {s: train.open_split(cfg, s) for s in ("train", "val", "test")}
+
+
+def _cfg(kbp, out, *extra):
+    return train.guidance_config(train.parse_args(_guidance_argv(kbp, out, *extra)))
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stages_run_in_order_and_keep_their_checkpoints(done):
+    out, results, lines = done
+    for name in ("stage_a_inferior.pt", "stage_a_superior.pt", "stage_b_guidance.pt", "stage_d_combined.pt",
+                 "results.json"):
+        assert (out / name).exists(), name
+    assert not list(out.glob("*/best.pt")) and not list(out.glob("*/last.pt"))  # no duplicate checkpoints
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["guidance"]) == ["a_inferior", "a_superior", "c_guided", "d_combined"]
+    for metrics in saved["guidance"].values():
+        assert set(metrics) == {"dose_score", "dvh_score"} and all(np.isfinite(v) for v in metrics.values())
+    assert saved["config"]["arch"] == "guidance" and saved["stages"]["b_guidance"]["val_mse"] > 0
+    log = "\n".join(lines)
+    order = [log.index(f"stage {s}") for s in ("a_inferior", "a_superior", "b_guidance", "d_combined")]
+    assert order == sorted(order) and log.index("test (c_guided)") < order[-1]
+    assert "(a) superior" in log and "(d) combined" in log and "SYNTHETIC" in log
+    a_inf = torch.load(out / "stage_a_inferior.pt", weights_only=False)
+    a_sup = torch.load(out / "stage_a_superior.pt", weights_only=False)
+    assert (a_inf["in_channels"], a_sup["in_channels"]) == (1, 1 + len(data.OPENKBP_ROIS))
+
+
+def test_one_stage_reruns_from_the_kept_checkpoints(done, kbp, tmp_path, capsys):
+    out, results, _ = done
+    again = train.main(_guidance_argv(kbp, out, "--stage", "c"))  # deterministic: (c) is only evaluated
+    assert json.dumps(again["guidance"]["c_guided"]) == json.dumps(results["guidance"]["c_guided"])
+    assert set(again["guidance"]) == set(results["guidance"])  # the other stages' results are kept
+    with pytest.raises(SystemExit) as e:
+        train.main(_guidance_argv(kbp, tmp_path / "empty", "--stage", "d"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "stage_a_inferior.pt" in err and "--stage a" in err
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "openkbp", "--arch", "ctan", "--data", str(kbp), "--stage", "b"])
+    assert e.value.code == 2 and "--arch guidance only" in capsys.readouterr().err
+
+
+def test_stage_b_leaves_the_frozen_models_bit_identical(kbp, tmp_path):
+    cfg = _cfg(kbp, tmp_path / "b")
+    (tmp_path / "b").mkdir()
+    build = lambda cin: ctan.build_model("stl", train.DOSE_TASK, cin, dims=2, width=4, depth=(1, 1, 1, 1))
+    inferior, superior = build(1).train(), build(11).train()  # given in training mode on purpose
+    before = [_state(inferior), _state(superior)]
+    guidance, info = train.guidance_stage_b(cfg, _splits(cfg), inferior, superior, log=lambda s: None)
+    assert _same(before[0], _state(inferior)) and _same(before[1], _state(superior))  # incl. BN buffers
+    assert not any(p.requires_grad for m in (inferior, superior) for p in m.parameters())
+    g0 = ctan.GuidanceNetwork(2, inferior.encoders["dose"].channels, 0.1)
+    assert not _same(_state(g0), _state(guidance))  # G itself did train
+    assert info["b_guidance"]["val_mse"] > 0 and (tmp_path / "b" / "stage_b_guidance.pt").exists()
+
+
+def test_stage_d_trains_only_the_new_decoder(done):
+    out, _, _ = done
+    d = torch.load(out / "stage_d_combined.pt", weights_only=False)["model"]
+    a = torch.load(out / "stage_a_inferior.pt", weights_only=False)["model"]
+    b = torch.load(out / "stage_b_guidance.pt", weights_only=False)["model"]
+    assert all(torch.equal(d[f"inferior.{k}"], v) for k, v in a.items())
+    assert all(torch.equal(d[f"guidance.{k}"], v) for k, v in b.items())
+    inferior = ctan.build_model("stl", train.DOSE_TASK, 1, width=4, depth=(1, 1, 1, 1))
+    model = train.CombinedGuidedModel(inferior, ctan.GuidanceNetwork(2, inferior.encoders["dose"].channels), 2).train()
+    assert not model.inferior.training and not model.guidance.training and model.heads.training
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"heads"}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_guided_model_shapes(dims):
+    size, cin_sup = 32, 1 + 3
+    build = lambda cin: ctan.build_model("stl", train.DOSE_TASK, cin, dims=dims, width=4, depth=(1, 1, 1, 1))
+    inferior, superior = build(1).eval(), build(cin_sup).eval()
+    x = torch.randn(2, 1, *[size] * dims)
+    feats = inferior.features(x)["dose"]
+    g = ctan.GuidanceNetwork(dims, inferior.encoders["dose"].channels).eval()
+    assert [t.shape for t in g(feats)] == [t.shape for t in feats]
+    sup = superior.features(torch.randn(2, cin_sup, *[size] * dims))["dose"]
+    assert [t.shape for t in sup] == [t.shape for t in feats]  # G's targets match its outputs
+    with torch.no_grad():
+        c = train.guided_model(inferior, g, superior)(x)["dose"]
+        d = train.CombinedGuidedModel(inferior, g, dims).eval()(x)["dose"]
+    assert c.shape == d.shape == (2, 1, *[size] * dims)
+
+
+class _NoMasks(torch.utils.data.Dataset):
+    """A split whose items lose their ROI masks: removed, or replaced by NaN / random masks."""
+
+    def __init__(self, ds, how):
+        self.ds, self.how = ds, how
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = dict(self.ds[i])
+        if self.how == "drop":
+            del item["structures"]
+        else:
+            s = item["structures"]
+            item["structures"] = torch.full_like(s, float("nan")) if self.how == "nan" else (torch.rand_like(s) > .5).float()
+        return item
+
+    def __getattr__(self, name):
+        if name == "ds":
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+
+def test_guided_models_never_read_the_masks(done, kbp):
+    out, results, _ = done
+    cfg = train.guidance_config(train.parse_args(_guidance_argv(kbp, out)))
+    test_ds = train.open_split(cfg, "test")
+    inferior, superior = train.load_dose_model(cfg, "a_inferior"), train.load_dose_model(cfg, "a_superior")
+    guidance = train.load_guidance(cfg)
+    c = train.guided_model(inferior, guidance, superior)
+    d = train.CombinedGuidedModel(train.load_dose_model(cfg, "a_inferior"), train.load_guidance(cfg), 2)
+    d.load_state_dict(torch.load(out / "stage_d_combined.pt", weights_only=False)["model"])
+    for model, entry in ((c, "c_guided"), (d, "d_combined")):
+        run = train._eval_run(cfg, model)
+        ref = np.concatenate([o["dose"] for _, o in train.predict(run, test_ds)])
+        for how in ("drop", "nan", "random"):
+            got = np.concatenate([o["dose"] for _, o in train.predict(run, _NoMasks(test_ds, how))])
+            assert np.array_equal(ref, got), (entry, how)
+        # scored on a split without masks in its items: the same test metrics as in results.json
+        again = train.evaluate(run, _NoMasks(test_ds, "drop"))
+        assert json.dumps(again) == json.dumps(results["guidance"][entry])
+        with pytest.raises(ValueError, match=r"\(B, 1, S, S\)"):  # CT + masks is refused: CT only
+            model(torch.zeros(1, 1 + len(data.OPENKBP_ROIS), 32, 32))
+
+
+@pytest.mark.parametrize("name", ["ham10000", "stoic"])
+def test_datasets_without_a_superior_modality_are_refused(name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", name, "--arch", "guidance", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "needs a superior modality (CT + ROI masks)" in err and name in err

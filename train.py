@@ -8,9 +8,12 @@ building data and model, train/evaluate loops, outputs (checkpoints, logs, previ
 """
 
 import argparse
+import datetime
+import itertools
 import json
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -34,22 +37,23 @@ import data
 DOSE_SCALE_GY = 80.0
 
 _RT = dict(  # radiotherapy planning (OpenKBP, prostate): dose + structures from 2D axial CT slices
-    dims=2, epochs=60, batch_size=16, lr=1e-3, width=64, depth=(3, 4, 6, 3),
+    dims=2, epochs=60, batch_size=16, lr=1e-3, width=64, depth=(3, 4, 6, 3), size=(128, 128, 128),
     losses={"dose": "dose_l1", "structures": "bce_dice"},
     metrics=("dose_score", "dvh_score", "dice"), select="dose_score",
     cpu=dict(width=32, depth=(2, 2, 2, 2), epochs=6, batch_size=8, max_steps_per_epoch=40, max_eval_cases=4),
+    dims3=dict(batch_size=2),  # whole 128^3 volumes (--dims 3)
 )
 DEFAULTS = {
     "openkbp": _RT,
     "prostate": _RT,
     "ham10000": dict(
-        dims=2, epochs=60, batch_size=32, lr=1e-3, width=64, depth=(3, 4, 6, 3),
+        dims=2, epochs=60, batch_size=32, lr=1e-3, width=64, depth=(3, 4, 6, 3), size=(192, 256),
         losses={"segmentation": "bce_dice", "diagnosis": "ce"},
         metrics=("dice", "isic_jaccard", "balanced_accuracy", "auc"), select="balanced_accuracy",
         cpu=dict(width=32, depth=(2, 2, 2, 2), epochs=6, batch_size=16, max_steps_per_epoch=40, max_eval_cases=64),
     ),
     "stoic": dict(
-        dims=3, epochs=40, batch_size=2, lr=3e-4, width=32, depth=(2, 2, 2, 2),
+        dims=3, epochs=40, batch_size=2, lr=3e-4, width=32, depth=(2, 2, 2, 2), size=(128, 128, 128),
         losses={"covid": "ce", "severe": "ce"},
         metrics=("auc_severe", "auc_covid"), select="auc_severe",
         cpu=dict(width=16, depth=(2, 2, 2, 2), epochs=6, batch_size=2, max_steps_per_epoch=30, max_eval_cases=32),
@@ -291,11 +295,12 @@ class Weighting(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Configuration, data and model
 # ----------------------------------------------------------------------------------------------
-RUNTIME_KEYS = {"device", "workers", "out", "resume", "eval_only", "stop_after", "log_every"}
+RUNTIME_KEYS = {"device", "workers", "out", "resume", "eval_only", "stop_after", "log_every", "bench", "steps",
+                "compile", "checkpointing"}
 # Defaults shared by all datasets (the command line's own defaults are None, to tell "given" from "default").
 COMMON = dict(weight_decay=1e-4, weighting="equal", seed=0, class_weights=False, augment=False, log_every=30.0,
               max_steps_per_epoch=None, max_eval_cases=None, workers=None, stop_after=None, resume=False,
-              eval_only=None)
+              eval_only=None, compile=False, checkpointing=False, bench=False, steps=20)
 
 
 def resolve_config(args):
@@ -310,6 +315,8 @@ def resolve_config(args):
     cfg.update(COMMON)
     if device == "cpu":
         cfg.update(table["cpu"])
+    if (args.dims or table["dims"]) == 3:
+        cfg.update(table.get("dims3", {}))
     cfg.update({k: v for k, v in vars(args).items() if v is not None})
     cfg.update(device=device, depth=tuple(cfg["depth"]), losses=dict(table["losses"]), select=table["select"],
                dose_scale_gy=DOSE_SCALE_GY)
@@ -356,38 +363,67 @@ def class_weights_from(ds, losses):
     return out
 
 
-def build(cfg):
-    """Datasets, model, weighting, optimizer and scheduler for a config (seeded: same cfg, same start)."""
+def distributed():
+    """(rank, world size, local rank) of this process: torchrun sets them; (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def make_run(cfg, tasks, in_channels, steps_per_epoch):
+    """Model, weighting, optimizer and scheduler for a config (seeded: same cfg, same start).
+
+    `run.model` is the plain network (its state_dict goes into checkpoints; evaluation uses it);
+    `run.net` is what the training step calls: the model wrapped in DistributedDataParallel under
+    torchrun, then torch.compile'd with --compile."""
     seed_everything(cfg["seed"])
-    device = torch.device(cfg["device"])
-    train_ds = open_split(cfg, "train", augment=cfg.get("augment", False))
-    val_ds = open_split(cfg, "val")
-    test_ds = open_split(cfg, "test")
-    if train_ds.dataset != cfg["dataset"]:
-        raise UserError(f"{cfg['data']} holds {train_ds.dataset}, not {cfg['dataset']} (check --data)")
+    rank, world, local_rank = distributed()
+    device = torch.device(cfg["device"], local_rank) if cfg["device"] == "cuda" else torch.device(cfg["device"])
     try:
-        model = ctan.build_model(cfg["arch"], train_ds.tasks, train_ds.in_channels, dims=cfg["dims"],
-                                 width=cfg["width"], depth=cfg["depth"]).to(device)
+        model = ctan.build_model(cfg["arch"], tasks, in_channels, dims=cfg["dims"], width=cfg["width"],
+                                 depth=cfg["depth"], checkpointing=cfg["checkpointing"]).to(device)
     except ValueError as e:  # an impossible combination of options (e.g. depth 1 with mtan)
         raise UserError(f"cannot build {cfg['arch']}: {e}") from None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if cfg["dims"] == 2:
             model = model.to(memory_format=torch.channels_last)
-    init_output_bias(model, train_ds, cfg["losses"], n_items=64 if cfg["dims"] == 2 else 8)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        import torch._inductor.config as inductor_config
+        inductor_config.fallback_random = True  # dropout draws as in eager mode: the same losses
+        net = torch.compile(net, dynamic=False)  # one static graph per input shape
     weighting = Weighting(cfg["weighting"], list(cfg["losses"])).to(device)
     params = list(model.parameters()) + list(weighting.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps = len(train_ds) // cfg["batch_size"] if len(train_ds) > cfg["batch_size"] else 1
-    if cfg["max_steps_per_epoch"]:
-        steps = min(steps, cfg["max_steps_per_epoch"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps * cfg["epochs"]))
-    class_weights = None
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps_per_epoch * cfg["epochs"]))
+    return SimpleNamespace(cfg=cfg, device=device, model=model, net=net, weighting=weighting, optimizer=optimizer,
+                           scheduler=scheduler, steps_per_epoch=steps_per_epoch, class_weights=None,
+                           rank=rank, world=world)
+
+
+def steps_per_epoch(cfg, ds):
+    """Training steps in one epoch: a pass over the split (1/world of it per process under
+    torchrun), at most --max-steps-per-epoch."""
+    per_step = cfg["batch_size"] * distributed()[1]
+    steps = len(ds) // per_step if len(ds) > per_step else 1
+    return min(steps, cfg["max_steps_per_epoch"]) if cfg["max_steps_per_epoch"] else steps
+
+
+def build(cfg):
+    """Datasets and `make_run` for a config; under torchrun each process takes 1/world of the batches."""
+    train_ds = open_split(cfg, "train", augment=cfg.get("augment", False))
+    val_ds = open_split(cfg, "val")
+    test_ds = open_split(cfg, "test")
+    if train_ds.dataset != cfg["dataset"]:
+        raise UserError(f"{cfg['data']} holds {train_ds.dataset}, not {cfg['dataset']} (check --data)")
+    run = make_run(cfg, train_ds.tasks, train_ds.in_channels, steps_per_epoch(cfg, train_ds))
+    init_output_bias(run.model, train_ds, cfg["losses"], n_items=64 if cfg["dims"] == 2 else 8)
     if cfg.get("class_weights"):
-        class_weights = {t: w.to(device) for t, w in class_weights_from(train_ds, cfg["losses"]).items()}
-    return SimpleNamespace(cfg=cfg, device=device, train_ds=train_ds, val_ds=val_ds, test_ds=test_ds,
-                           model=model, weighting=weighting, optimizer=optimizer, scheduler=scheduler,
-                           steps_per_epoch=steps, class_weights=class_weights)
+        run.class_weights = {t: w.to(run.device) for t, w in class_weights_from(train_ds, cfg["losses"]).items()}
+    run.train_ds, run.val_ds, run.test_ds = train_ds, val_ds, test_ds
+    return run
 
 
 @torch.no_grad()
@@ -452,25 +488,30 @@ def to_device(batch, device, channels_last=False):
     return out
 
 
-def forward(run, image):
+def forward(run, image, net=None):
+    """The network on a batch: bf16 autocast on CUDA, fp32 on CPU. `net` defaults to the plain model."""
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
-        return run.model(image)
+        return (run.model if net is None else net)(image)
 
 
 def train_loader(run, epoch):
     """Shuffled loader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
     g = torch.Generator()
     g.manual_seed(run.cfg["seed"] * 100_003 + epoch)
-    ds = run.train_ds
-    return torch.utils.data.DataLoader(ds, batch_size=run.cfg["batch_size"], shuffle=True, generator=g,
-                                       drop_last=len(ds) > run.cfg["batch_size"], num_workers=run.cfg["workers"],
-                                       pin_memory=run.device.type == "cuda")
+    ds, batch = run.train_ds, run.cfg["batch_size"]
+    sampler = None
+    if run.world > 1:  # each process a disjoint 1/world of the shuffled items, same order on resume
+        sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=True, seed=run.cfg["seed"])
+        sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                                       generator=g, drop_last=len(ds) > batch * run.world,
+                                       num_workers=run.cfg["workers"], pin_memory=run.device.type == "cuda")
 
 
 def train_step(run, batch):
     """One optimisation step on a batch already on the device. Returns ({task: loss}, total loss);
     raises FloatingPointError before touching the weights when the loss is not finite."""
-    losses = task_losses(forward(run, batch["image"]), batch, run.cfg["losses"], run.class_weights)
+    losses = task_losses(forward(run, batch["image"], run.net), batch, run.cfg["losses"], run.class_weights)
     total = run.weighting(losses)
     if not torch.isfinite(total):
         raise FloatingPointError(", ".join(f"{t} {v.item():.4g}" for t, v in losses.items()))
@@ -544,9 +585,10 @@ def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
 def _evaluate_rt(run, ds, sub, preview_dir, n_preview):
     """Dose and structures scored per patient on whole volumes; 2D predictions are put back
     together from their axial slices (slice axis = last axis). Predicted dose is multiplied by the
-    possible-dose mask before scoring, as the official OpenKBP pipeline does."""
+    possible-dose mask before scoring, as the official OpenKBP pipeline does. A dose-only model
+    (--arch guidance) predicts no structures: then no Dice is reported."""
     rois = list(ds.roi_names) or list(OPENKBP_ROIS)
-    patients, dices, pending = [], [], {}
+    patients, dices, pending, segments = [], [], {}, False
     for batch, out in predict(run, sub):
         for j in range(batch["image"].shape[0]):
             c, s = int(batch["case"][j]), int(batch["slice"][j])
@@ -558,7 +600,9 @@ def _evaluate_rt(run, ds, sub, preview_dir, n_preview):
             p = pending[c]
             where = (Ellipsis, s) if s >= 0 else (Ellipsis,)
             p["dose"][where] = out["dose"][j, 0] * DOSE_SCALE_GY
-            p["structures"][where] = out["structures"][j] > 0
+            if "structures" in out:
+                p["structures"][where] = out["structures"][j] > 0
+                segments = True
             p["seen"] += 1
             if p["seen"] == p["n"]:
                 p = pending.pop(c)
@@ -572,6 +616,8 @@ def _evaluate_rt(run, ds, sub, preview_dir, n_preview):
     if pending:
         raise RuntimeError(f"incomplete volumes after evaluation: cases {sorted(pending)}")
     dose_score, dvh_score = openkbp_aggregate(patients)
+    if not segments and patients:
+        return {"dose_score": dose_score, "dvh_score": dvh_score}
     dices = np.array(dices).reshape(-1, len(rois))
     scored = np.isfinite(dices).sum(0)  # patients in which each ROI is contoured
     per_roi = np.where(scored > 0, np.nansum(dices, 0) / np.maximum(scored, 1), np.nan)
@@ -752,8 +798,9 @@ def better(a, b, key):
 # ----------------------------------------------------------------------------------------------
 def fit(run, log=print):
     """Train for cfg['epochs'] epochs (continuing from last.pt with --resume), validating each epoch;
-    writes metrics.jsonl, last.pt, best.pt and predictions/. Returns the best validation record."""
-    cfg, out = run.cfg, Path(run.cfg["out"])
+    writes metrics.jsonl, last.pt, best.pt and predictions/. Returns the best validation record.
+    Under torchrun every process trains; process 0 alone validates and writes."""
+    cfg, out, main_process = run.cfg, Path(run.cfg["out"]), run.rank == 0
     select, keys = cfg["select"], DEFAULTS[cfg["dataset"]]["metrics"]
     start, best = 0, {"epoch": None, "value": None, "metrics": None}
     jsonl = out / "metrics.jsonl"
@@ -768,16 +815,27 @@ def fit(run, log=print):
         run.weighting.load_state_dict(ck["weighting"])
         set_rng_states(ck["rng"])
         start, best = ck["epoch"], ck["best"]
-        lines = jsonl.read_text().splitlines() if jsonl.exists() else []
-        jsonl.write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= start))
+        if main_process:
+            lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+            jsonl.write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= start))
         log(f"resumed from {ckpt_path} after epoch {start}")
-    else:
+    elif main_process:
         jsonl.write_text("")
     t_run = time.time()
     for epoch in range(start + 1, cfg["epochs"] + 1):
         t0 = time.time()
         stats = train_one_epoch(run, epoch, log)
+        if run.world > 1:  # the same epoch losses (hence DWA weights) in every process
+            losses = torch.tensor(list(stats["losses"].values()), dtype=torch.float64)
+            torch.distributed.all_reduce(losses)
+            stats["losses"] = dict(zip(stats["losses"], (losses / run.world).tolist()))
         run.weighting.end_epoch(stats["losses"])
+        stop = bool(cfg.get("stop_after") and epoch >= cfg["stop_after"])
+        if not main_process:
+            torch.distributed.barrier()  # wait while process 0 validates and writes checkpoints
+            if stop:
+                break
+            continue
         preview = out / "predictions" if epoch == cfg["epochs"] or epoch == 1 else None
         val = evaluate(run, run.val_ds, cfg["max_eval_cases"], preview_dir=preview)
         record = {"epoch": epoch, "loss": stats["loss"], "losses": stats["losses"],
@@ -798,7 +856,9 @@ def fit(run, log=print):
             + " ".join(f"{t} {v:.4f}" for t, v in stats["losses"].items())
             + f" | val {fmt_metrics(val, keys)} | {stats['samples_per_s']:.1f} samples/s "
             f"{record['time_s']:.1f}s ETA {fmt_time(eta)}")
-        if cfg.get("stop_after") and epoch >= cfg["stop_after"]:
+        if run.world > 1:
+            torch.distributed.barrier()
+        if stop:
             log(f"stopping after epoch {epoch} (--stop-after); continue with --resume")
             break
     return best
@@ -846,8 +906,411 @@ def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
-def run_training(args, log=print):
+# ----------------------------------------------------------------------------------------------
+# --- Deep multimodal guidance (Mallya & Hamarneh, MICCAI 2022): --arch guidance ---
+# The paper trains on a cheap "inferior" modality, guided by what a model learned from a costly
+# "superior" one that is absent at inference. Here (ours: the paper guides classifiers; this
+# brings it to dose prediction): superior input = CT + the R expert ROI masks (slow to draw),
+# inferior input = CT alone; task = dose. `python train.py --dataset openkbp --arch guidance`
+# runs the stages in order, each keeping its checkpoint in --out; `--stage X` reruns one of them
+# from the kept checkpoints of the earlier ones:
+#   a  stage_a_inferior.pt, stage_a_superior.pt: an STL dose encoder-decoder on each input,
+#      trained like any run (fit: dose L1, AdamW, cosine, best epoch on validation)
+#   b  stage_b_guidance.pt: G (ctan.GuidanceNetwork) maps the inferior encoder features to the
+#      superior ones, MSE averaged over the encoder scales, both (a) models frozen
+#   c  (nothing to train, no checkpoint) the superior decoder applied to G(inferior features)
+#   d  stage_d_combined.pt: a new decoder on [inferior features ; G(inferior features)], trained
+#      (inferior encoder and G frozen)
+# Models (c) and (d) read the CT only. results.json puts the test dose/DVH scores side by side.
+# ----------------------------------------------------------------------------------------------
+GUIDANCE = dict(dropout=0.1, epochs_b=None)  # G's dropout; stage (b) epochs (None: the run's --epochs)
+GUIDANCE_STAGES = ("a", "b", "c", "d")
+GUIDANCE_ENTRIES = {"a": ("a_inferior", "a_superior"), "b": ("b_guidance",), "c": ("c_guided",),
+                    "d": ("d_combined",)}
+GUIDANCE_DEPENDENTS = {"a": "bcd", "b": "cd", "c": "", "d": ""}  # stages made from a stage's output
+GUIDANCE_FILES = {"a_inferior": "stage_a_inferior.pt", "a_superior": "stage_a_superior.pt",
+                  "b_guidance": "stage_b_guidance.pt", "d_combined": "stage_d_combined.pt"}
+GUIDANCE_ROWS = {"a_inferior": ("(a) inferior", "CT"), "a_superior": ("(a) superior", "CT + ROI masks"),
+                 "c_guided": ("(c) guided", "CT: superior decoder on G(f)"),
+                 "d_combined": ("(d) combined", "CT: new decoder on [f ; G(f)]")}
+DOSE_TASK, DOSE_LOSS = {"dose": ("pixel", 1)}, {"dose": "dose_l1"}
+
+
+class SuperiorInput(torch.utils.data.Dataset):
+    """A radiotherapy split whose items carry the superior input: "image" = [CT ; R structure
+    masks] (1 + R channels). Targets, case(), case_of(), roi_names... are the split's own."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.in_channels = ds.in_channels + ds.tasks["structures"][1]
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        item = dict(self.ds[index])
+        item["image"] = torch.cat([item["image"], item["structures"]], 0)
+        return item
+
+    def __getattr__(self, name):  # everything else from the wrapped split (guarded for unpickling)
+        if name == "ds":
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+
+def freeze(module):
+    """Eval mode (BN statistics and dropout fixed) and no gradients: a frozen stage stays as trained."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class CombinedGuidedModel(ctan.GuidedModel):
+    """Stage (d): ctan.GuidedModel(combine=True) with new dose heads on [f ; G(f)] (twice the
+    encoder's channels per scale). Only the new heads train: the inferior model and G are frozen
+    (no gradients, and kept in eval mode even when the model is put in training mode)."""
+
+    def __init__(self, inferior, guidance, dims):
+        channels = [2 * c for c in inferior.encoders["dose"].channels]
+        heads = nn.ModuleDict({t: ctan.make_head(dims, kind, channels, n) for t, (kind, n) in DOSE_TASK.items()})
+        super().__init__(freeze(inferior), freeze(guidance), heads, combine=True)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.inferior.eval()
+        self.guidance.eval()
+        return self
+
+
+def guidance_loss(guided, target):
+    """Stage (b) loss: mean over the encoder scales of MSE(G(inferior features), superior features)."""
+    return sum(F.mse_loss(g.float(), t.float()) for g, t in zip(guided, target)) / len(target)
+
+
+def _autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def guidance_step_features(inferior, superior, batch, device):
+    """(inferior features, superior features) of a batch on the device, from the frozen (a) models."""
+    with torch.no_grad(), _autocast(device):
+        f_inf = inferior.features(batch["image"])["dose"]
+        f_sup = superior.features(torch.cat([batch["image"], batch["structures"]], 1))["dose"]
+    return [f.float() for f in f_inf], [f.float() for f in f_sup]
+
+
+@torch.no_grad()
+def guidance_mse(guidance, inferior, superior, ds, cfg, device):
+    """Mean stage (b) loss of G (eval mode) over a split, batch by batch."""
+    guidance.eval()
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False,
+                                         num_workers=cfg["workers"], generator=torch.Generator())
+    total, n = 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        f_inf, f_sup = guidance_step_features(inferior, superior, batch, device)
+        with _autocast(device):
+            guided = guidance(f_inf)
+        total += guidance_loss(guided, f_sup).item() * batch["image"].shape[0]
+        n += batch["image"].shape[0]
+    return total / max(n, 1)
+
+
+def _stage_cfg(cfg, entry):
+    return dict(cfg, out=str(Path(cfg["out"]) / Path(GUIDANCE_FILES.get(entry, entry)).stem), losses=dict(DOSE_LOSS),
+                guidance_stage=entry)
+
+
+def _eval_run(cfg, model, test_ds=None):
+    """What evaluate/predict need to score a model (no training state)."""
+    return SimpleNamespace(cfg=cfg, device=torch.device(cfg["device"]), model=model, net=model, test_ds=test_ds,
+                           rank=0, world=1)
+
+
+def _keep_best(run, sub, out, entry, best, metrics, extra, log):
+    """Stage checkpoint (best validation weights, atomic write) in --out; the stage folder keeps
+    its metrics.jsonl and predictions/ but not the duplicate best.pt/last.pt."""
+    ck = load_checkpoint(sub / "best.pt")
+    save_atomic({"stage": entry, "model": ck["model"], "epoch": ck["epoch"], "val": best["metrics"],
+                 "test": metrics, "config": run.cfg, **extra}, out / GUIDANCE_FILES[entry])
+    for name in ("best.pt", "last.pt"):
+        (sub / name).unlink(missing_ok=True)
+    log(f"{entry}: kept {out / GUIDANCE_FILES[entry]}")
+
+
+def guidance_stage_a(cfg, splits, log=print):
+    """Stage (a): an STL dose model on the inferior input (CT) and one on the superior input
+    (CT + ROI masks), each trained by fit() and scored on the test split. Returns {entry: metrics}."""
+    out, results = Path(cfg["out"]), {}
+    for entry, wrap in (("a_inferior", lambda ds: ds), ("a_superior", SuperiorInput)):
+        scfg = dict(_stage_cfg(cfg, entry), arch="stl")
+        sub = Path(scfg["out"])
+        sub.mkdir(parents=True, exist_ok=True)
+        train_ds, val_ds, test_ds = (wrap(splits[s]) for s in ("train", "val", "test"))
+        run = make_run(scfg, DOSE_TASK, train_ds.in_channels, steps_per_epoch(scfg, train_ds))
+        init_output_bias(run.model, train_ds, DOSE_LOSS, n_items=64 if cfg["dims"] == 2 else 8)
+        run.train_ds, run.val_ds, run.test_ds = train_ds, val_ds, test_ds
+        log(f"stage {entry}: STL dose model on {GUIDANCE_ROWS[entry][1]} ({train_ds.in_channels} channels), "
+            f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+            f"{run.steps_per_epoch} steps/epoch")
+        best = fit(run, log)
+        metrics, _ = test(run, sub / "best.pt", log)
+        _keep_best(run, sub, out, entry, best, metrics, {"in_channels": train_ds.in_channels}, log)
+        results[entry] = metrics
+    return results
+
+
+def _load_stage(cfg, entry):
+    """A kept stage checkpoint; a clear error naming the command that makes it when it is missing."""
+    path = Path(cfg["out"]) / GUIDANCE_FILES[entry]
+    if not path.exists():
+        stage = entry[0]
+        raise UserError(f"--stage {cfg.get('stage') or 'all'} needs {path}, which stage {stage} makes: run "
+                        f"`python train.py --dataset {cfg['dataset']} --arch guidance --stage {stage} "
+                        f"--data {cfg['data']} --out {cfg['out']}` first")
+    ck = load_checkpoint(path)
+    made = ck["config"]
+    if (made["dataset"], made["dims"]) != (cfg["dataset"], cfg["dims"]):
+        raise UserError(f"{path} was made for {made['dataset']} in {made['dims']}D, not {cfg['dataset']} in "
+                        f"{cfg['dims']}D (use another --out, or rerun the earlier stages)")
+    return ck
+
+
+def load_dose_model(cfg, entry):
+    """An (a) model from its kept checkpoint, frozen, on the run's device."""
+    ck = _load_stage(cfg, entry)
+    made = ck["config"]
+    model = ctan.build_model("stl", DOSE_TASK, ck["in_channels"], dims=made["dims"], width=made["width"],
+                             depth=made["depth"])
+    model.load_state_dict(ck["model"])
+    return freeze(model.to(cfg["device"]))
+
+
+def load_guidance(cfg):
+    """G from stage_b_guidance.pt, frozen, on the run's device."""
+    ck = _load_stage(cfg, "b_guidance")
+    g = ctan.GuidanceNetwork(ck["config"]["dims"], ck["channels"], ck["dropout"])
+    g.load_state_dict(ck["model"])
+    return freeze(g.to(cfg["device"]))
+
+
+def guidance_stage_b(cfg, splits, inferior, superior, log=print):
+    """Stage (b): train G to map the inferior encoder features to the superior ones (MSE averaged
+    over scales). Both (a) models are frozen (eval mode, no gradients), so their parameters and BN
+    statistics stay bit-identical. G is selected on the validation MSE and saved in
+    stage_b_guidance.pt. Returns (G, {"b_guidance": {"val_mse": ...}})."""
+    device = torch.device(cfg["device"])
+    channels = list(inferior.encoders["dose"].channels)
+    if list(superior.encoders["dose"].channels) != channels:
+        raise UserError(f"the (a) encoders differ in channels ({channels} vs {superior.encoders['dose'].channels}): "
+                        "rerun stage a with one --width/--depth")
+    freeze(inferior)
+    freeze(superior)
+    seed_everything(cfg["seed"])
+    guidance = ctan.GuidanceNetwork(cfg["dims"], channels, cfg["guidance_dropout"]).to(device)
+    epochs = cfg["guidance_epochs"] or cfg["epochs"]
+    steps = steps_per_epoch(cfg, splits["train"])
+    optimizer = torch.optim.AdamW(guidance.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps * epochs))
+    loader_run = SimpleNamespace(cfg=cfg, device=device, train_ds=splits["train"], rank=0, world=1)
+    val_ds = case_subset(splits["val"], cfg["max_eval_cases"])
+    sub = Path(_stage_cfg(cfg, "b_guidance")["out"])
+    sub.mkdir(parents=True, exist_ok=True)
+    jsonl = sub / "metrics.jsonl"
+    jsonl.write_text("")
+    best = {"epoch": None, "val_mse": None, "state": None}
+    log(f"stage b_guidance: G with 1x1 convolutions on {len(channels)} scales {channels}, dropout "
+        f"{cfg['guidance_dropout']}, {sum(p.numel() for p in guidance.parameters()) / 1e6:.2f}M parameters, "
+        f"{epochs} epochs of {steps} steps")
+    for epoch in range(1, epochs + 1):
+        t0, total, n = time.time(), 0.0, 0
+        guidance.train()
+        for step, batch in enumerate(train_loader(loader_run, epoch)):
+            if step >= steps:
+                break
+            batch = to_device(batch, device)
+            f_inf, f_sup = guidance_step_features(inferior, superior, batch, device)
+            with _autocast(device):
+                guided = guidance(f_inf)
+            loss = guidance_loss(guided, f_sup)
+            if not torch.isfinite(loss):
+                raise UserError(f"stage b: non-finite guidance loss at epoch {epoch} step {step} (try a lower --lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total, n = total + loss.item(), n + 1
+        val = guidance_mse(guidance, inferior, superior, val_ds, cfg, device)
+        record = {"epoch": epoch, "loss": total / max(n, 1), "val_mse": val, "lr": optimizer.param_groups[0]["lr"],
+                  "time_s": time.time() - t0}
+        with jsonl.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(f"b epoch {epoch}/{epochs} guidance MSE {record['loss']:.5f} | val MSE {val:.5f} | {record['time_s']:.1f}s")
+        if best["val_mse"] is None or val < best["val_mse"]:
+            best = {"epoch": epoch, "val_mse": val,
+                    "state": {k: v.detach().clone() for k, v in guidance.state_dict().items()}}
+    guidance.load_state_dict(best["state"])
+    info = {"epoch": best["epoch"], "val_mse": best["val_mse"]}
+    save_atomic({"stage": "b_guidance", "model": guidance.state_dict(), "channels": channels,
+                 "dropout": cfg["guidance_dropout"], "config": dict(cfg, guidance_stage="b_guidance"), **info},
+                Path(cfg["out"]) / GUIDANCE_FILES["b_guidance"])
+    log(f"b_guidance: kept {Path(cfg['out']) / GUIDANCE_FILES['b_guidance']} (epoch {best['epoch']}, "
+        f"val MSE {best['val_mse']:.5f})")
+    return freeze(guidance), {"b_guidance": info}
+
+
+def guided_model(inferior, guidance, superior):
+    """Stage (c): the superior model's decoder applied to G(inferior features); reads the CT only."""
+    return ctan.GuidedModel(freeze(inferior), freeze(guidance), superior.heads, combine=False).eval()
+
+
+def guidance_stage_c(cfg, splits, log=print):
+    """Stage (c): nothing to train; the guided model is scored on the test split."""
+    model = guided_model(load_dose_model(cfg, "a_inferior"), load_guidance(cfg), load_dose_model(cfg, "a_superior"))
+    metrics = evaluate(_eval_run(cfg, model), splits["test"])
+    log(f"test (c_guided): {fmt_metrics(metrics, ('dose_score', 'dvh_score'))}")
+    return {"c_guided": metrics}
+
+
+def guidance_stage_d(cfg, splits, log=print):
+    """Stage (d): new decoder on [f ; G(f)], trained by fit() (only the heads; inferior model and G
+    frozen), selected on validation, scored on test, saved whole in stage_d_combined.pt."""
+    inferior, guidance = load_dose_model(cfg, "a_inferior"), load_guidance(cfg)
+    scfg = _stage_cfg(cfg, "d_combined")
+    sub = Path(scfg["out"])
+    sub.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg["device"])
+    seed_everything(cfg["seed"])
+    model = CombinedGuidedModel(inferior, guidance, cfg["dims"]).to(device)
+    init_output_bias(model, splits["train"], DOSE_LOSS, n_items=64 if cfg["dims"] == 2 else 8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = steps_per_epoch(scfg, splits["train"])
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    run = SimpleNamespace(
+        cfg=scfg, device=device, model=model, net=torch.compile(model) if cfg.get("compile") else model,
+        weighting=Weighting("equal", list(DOSE_LOSS)).to(device), optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps * cfg["epochs"])),
+        steps_per_epoch=steps, class_weights=None, rank=0, world=1,
+        train_ds=splits["train"], val_ds=splits["val"], test_ds=splits["test"])
+    log(f"stage d_combined: new decoder on [f ; G(f)], {sum(p.numel() for p in params) / 1e6:.2f}M trained "
+        f"parameters (inferior encoder and G frozen), {steps} steps/epoch")
+    best = fit(run, log)
+    metrics, _ = test(run, sub / "best.pt", log)
+    _keep_best(run, sub, Path(cfg["out"]), "d_combined", best, metrics, {}, log)
+    return {"d_combined": metrics}
+
+
+def guidance_table(results, n_test=None):
+    """The side-by-side test table (plain text) of the entries present."""
+    lines = [f"{'model':14s} {'input at inference':30s} {'dose score':>10s} {'DVH score':>10s}"]
+    for entry, (label, reads) in GUIDANCE_ROWS.items():
+        if entry in results:
+            m = results[entry]
+            lines.append(f"{label:14s} {reads:30s} {m['dose_score']:10.3f} {m['dvh_score']:10.3f}")
+    head = "test split" + (f", {n_test} patients" if n_test is not None else "") + \
+        ": OpenKBP dose and DVH scores, mean absolute error in Gy (lower is better)"
+    return head + "\n" + "\n".join(lines)
+
+
+def guidance_config(args):
+    """The run's config (resolve_config) plus the guidance settings (GUIDANCE) and the stage."""
     cfg = resolve_config(args)
+    cfg.update(guidance_dropout=GUIDANCE["dropout"], guidance_epochs=GUIDANCE["epochs_b"], losses=dict(DOSE_LOSS),
+               stage=cfg.get("stage") or "all")
+    return cfg
+
+
+def run_guidance(args, log=print):
+    """`--arch guidance`: the stages of deep multimodal guidance (all, or --stage X alone), then
+    results.json {"guidance": {entry: test metrics}, "stages": {...}, "config": ...}."""
+    if args.arch != "guidance":
+        raise UserError(f"--stage applies to --arch guidance only, not {args.arch}")
+    if args.dataset not in data.PLANNING:
+        raise UserError(f"--arch guidance needs a superior modality (CT + ROI masks) that only the radiotherapy "
+                        f"datasets ({', '.join(data.PLANNING)}) have; {args.dataset} has a single input modality "
+                        f"({'the dermoscopic image' if args.dataset == 'ham10000' else 'the chest CT'}) and nothing "
+                        "to guide it with")
+    for option in ("resume", "eval_only", "stop_after", "bench"):
+        if getattr(args, option, None):
+            raise UserError(f"--{option.replace('_', '-')} does not apply to --arch guidance: rerun one stage "
+                            "from the kept checkpoints with --stage a|b|c|d")
+    if distributed()[1] > 1:
+        raise UserError("--arch guidance runs in one process: start it without torchrun")
+    cfg = guidance_config(args)
+    stages = GUIDANCE_STAGES if cfg["stage"] == "all" else (cfg["stage"],)
+    out = Path(cfg["out"])
+    log("config: " + json.dumps(cfg, default=_json_default))
+    splits = {s: open_split(cfg, s, augment=cfg.get("augment", False) and s == "train")
+              for s in ("train", "val", "test")}
+    if splits["train"].dataset != cfg["dataset"]:
+        raise UserError(f"{cfg['data']} holds {splits['train'].dataset}, not {cfg['dataset']} (check --data)")
+    if splits["train"].synthetic:
+        log("!" * 78 + f"\n!! WARNING: {cfg['data']} is a SYNTHETIC stand-in, not the real {cfg['dataset']} data;\n"
+            "!! its metrics say nothing about real patients.\n" + "!" * 78)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"guidance on {cfg['dataset']} ({cfg['dims']}D, {cfg['device']}): stages {', '.join(stages)}; superior "
+        f"input CT + {splits['train'].tasks['structures'][1]} ROI masks, inferior input CT; "
+        f"{len(splits['train'])} training items")
+    new, stage_info = {}, {}
+    for stage in stages:
+        t0 = time.time()
+        if stage == "a":
+            new.update(guidance_stage_a(cfg, splits, log))
+        elif stage == "b":
+            _, info = guidance_stage_b(cfg, splits, load_dose_model(cfg, "a_inferior"),
+                                       load_dose_model(cfg, "a_superior"), log)
+            stage_info.update(info)
+        elif stage == "c":
+            new.update(guidance_stage_c(cfg, splits, log))
+        else:
+            new.update(guidance_stage_d(cfg, splits, log))
+        for entry in GUIDANCE_ENTRIES[stage]:
+            stage_info.setdefault(entry, {}).update(time_s=time.time() - t0, checkpoint=GUIDANCE_FILES.get(entry))
+    # results.json: keep what earlier runs measured for the stages not rerun, but drop the later
+    # stages' results when an earlier stage was rerun alone (they came from the replaced checkpoints)
+    path, kept, kept_info = out / "results.json", {}, {}
+    if len(stages) == 1 and path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("arch") == "guidance":
+            later = [e for s in GUIDANCE_DEPENDENTS[stages[0]] for e in GUIDANCE_ENTRIES[s]]
+            stale = [e for e in later if e in previous.get("guidance", {}) or e in previous.get("stages", {})]
+            kept = {e: m for e, m in previous.get("guidance", {}).items() if e not in stale}
+            kept_info = {e: m for e, m in previous.get("stages", {}).items() if e not in stale}
+            if stale:
+                log(f"results.json: dropped {', '.join(stale)} (made from the replaced stage {stages[0]}); "
+                    f"rerun --stage {', '.join(GUIDANCE_DEPENDENTS[stages[0]])} to refresh them")
+    merged = {**kept, **new}
+    results = {"dataset": cfg["dataset"], "arch": "guidance",
+               "guidance": {e: merged[e] for e in GUIDANCE_ROWS if e in merged},
+               "stages": {**kept_info, **stage_info}, "test_patients": splits["test"].num_cases, "config": cfg}
+    write_json_atomic(results, path)
+    log(guidance_table(results["guidance"], splits["test"].num_cases))
+    return results
+
+
+def run_training(args, log=print):
+    """Resolve the config, then train and test, or benchmark (--bench). Under torchrun
+    (WORLD_SIZE > 1) this process joins the process group first and only process 0 logs."""
+    if args.arch == "guidance" or getattr(args, "stage", None):
+        return run_guidance(args, log)
+    cfg = resolve_config(args)
+    rank, world, local_rank = distributed()
+    if world == 1:
+        return bench(cfg, log) if cfg["bench"] else train_and_test(cfg, args, log)
+    if cfg["bench"]:
+        raise UserError("--bench measures one process on one device: run it without torchrun")
+    if cfg["device"] == "cuda":
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if cfg["device"] == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(hours=2))
+    try:
+        return train_and_test(cfg, args, log if rank == 0 else (lambda *a, **k: None))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def train_and_test(cfg, args, log=print):
     out = Path(cfg["out"])
     if cfg.get("resume") and (out / "last.pt").exists():
         check_resume_config(cfg, args, load_checkpoint(out / "last.pt")["config"])
@@ -873,10 +1336,94 @@ def run_training(args, log=print):
         metrics, epoch = test(run, cfg["eval_only"], log)
         return report(cfg, metrics, None, epoch, log, name="results_eval.json")
     best = fit(run, log)
+    if run.rank != 0:
+        return {}
     if cfg.get("stop_after") and cfg["stop_after"] < cfg["epochs"]:
         return {"stopped_after": cfg["stop_after"], "best_val": best, "config": cfg}
     metrics, epoch = test(run, out / "best.pt", log)
     return report(cfg, metrics, best, epoch, log)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark (--bench): training-step speed at the dataset's real input size
+# ----------------------------------------------------------------------------------------------
+def random_batch(cfg, tasks, in_channels):
+    """A batch of random tensors shaped like the real data (DEFAULTS[...]["size"]): the model's
+    speed without any input pipeline."""
+    size, b = tuple(DEFAULTS[cfg["dataset"]]["size"][-cfg["dims"]:]), cfg["batch_size"]
+    batch = {"image": torch.randn(b, in_channels, *size), "possible_dose_mask": torch.ones(b, 1, *size)}
+    for t, (kind, n) in tasks.items():
+        if kind == "image":
+            batch[t] = torch.randint(0, n, (b,))
+        else:
+            batch[t] = (70 * torch.rand(b, n, *size) if cfg["losses"][t] == "dose_l1"
+                        else (torch.rand(b, n, *size) < 0.1).float())
+    return batch
+
+
+def time_steps(run, batches, steps, warmup):
+    """Seconds per training step over `steps` steps after `warmup`, and the fraction of that time
+    spent in `next(batches)` (an upper bound of the device's idle time: the step overlaps it)."""
+    cl = run.device.type == "cuda" and run.cfg["dims"] == 2
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    run.model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0, wait = time.perf_counter(), 0.0
+        t = time.perf_counter()
+        batch = to_device(next(batches), run.device, cl)
+        if i >= warmup:
+            wait += time.perf_counter() - t
+        train_step(run, batch)
+    sync()
+    elapsed = time.perf_counter() - t0
+    return elapsed / steps, wait / elapsed
+
+
+def forever(loader):
+    while True:
+        yield from loader
+
+
+def bench(cfg, log=print):
+    """Time cfg['steps'] training steps (after a warm-up) on random tensors of the real input size,
+    then, if the --data file exists, on its training split through the DataLoader with the default
+    workers. Prints one JSON line. A measurement, not a test: nothing here asserts a time."""
+    name, path = cfg["dataset"], Path(cfg["data"])
+    ds = open_split(cfg, "train") if path.exists() else None
+    tasks = ds.tasks if ds else data.task_spec(name, len(data.SPECS[name].rois))
+    in_channels = ds.in_channels if ds else (3 if data.SPECS[name].modality == "rgb" else 1)
+    run = make_run(cfg, tasks, in_channels, steps_per_epoch=cfg["steps"] + 10)
+    warmup, steps = max(3, cfg["steps"] // 4), cfg["steps"]
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    batch = random_batch(cfg, tasks, in_channels)
+    log(f"bench: {cfg['arch']} on random {tuple(batch['image'].shape)} ({cfg['device']}), {warmup} + {steps} steps")
+    sec, _ = time_steps(run, itertools.repeat(batch), steps, warmup)
+    result = {
+        "bench": name, "arch": cfg["arch"], "dims": cfg["dims"],
+        "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": "bf16 autocast" if run.device.type == "cuda" else "fp32", "compile": cfg["compile"],
+        "params": sum(p.numel() for p in run.model.parameters()), "input": list(batch["image"].shape),
+        "width": cfg["width"], "depth": list(cfg["depth"]), "steps": steps,
+        "samples_per_s": round(cfg["batch_size"] / sec, 2), "ms_per_step": round(1000 * sec, 1),
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda"
+                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "hdf5": None,
+    }
+    if ds is not None:
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
+                                             num_workers=cfg["workers"], pin_memory=run.device.type == "cuda",
+                                             persistent_workers=cfg["workers"] > 0)
+        log(f"bench: {cfg['arch']} on {path} through the DataLoader ({cfg['workers']} workers)")
+        sec, wait = time_steps(run, forever(loader), steps, warmup)
+        result["hdf5"] = {"file": str(path), "input": [cfg["batch_size"], in_channels, *ds.spatial],
+                          "workers": cfg["workers"], "samples_per_s": round(cfg["batch_size"] / sec, 2),
+                          "ms_per_step": round(1000 * sec, 1), "data_wait_fraction": round(wait, 4)}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 class _Parser(argparse.ArgumentParser):
@@ -889,7 +1436,11 @@ def parse_args(argv=None):
     p = _Parser(description="Train/evaluate CTAN and baselines. Options left out come from the per-dataset "
                             "table DEFAULTS in train.py (smaller ones on CPU).")
     p.add_argument("--dataset", required=True, choices=data.DATASETS)
-    p.add_argument("--arch", required=True, choices=ctan.ARCHS)
+    p.add_argument("--arch", required=True, choices=ctan.ARCHS + ("guidance",),
+                   help="guidance: deep multimodal guidance for dose (CT + ROI masks guide a CT-only model)")
+    p.add_argument("--stage", choices=("a", "b", "c", "d", "all"),
+                   help="--arch guidance: run this stage alone from the kept checkpoints of the earlier ones "
+                        "(default all)")
     p.add_argument("--data", help="HDF5 file from data.py (default data/NAME.h5)")
     p.add_argument("--dims", type=int, choices=(2, 3))
     p.add_argument("--epochs", type=int)
@@ -913,6 +1464,12 @@ def parse_args(argv=None):
     p.add_argument("--max-eval-cases", type=int, help="validate on the first N cases only (test uses all)")
     p.add_argument("--stop-after", type=int, help="stop after this epoch as if interrupted (then --resume)")
     p.add_argument("--log-every", type=float, help="seconds between progress lines within an epoch")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step's model")
+    p.add_argument("--checkpointing", action="store_true", default=None,
+                   help="activation checkpointing of the encoder stages (less memory, ~30%% more compute; 3D)")
+    p.add_argument("--bench", action="store_true", default=None,
+                   help="time --steps training steps at the real input size and print one JSON line")
+    p.add_argument("--steps", type=int, help="timed steps for --bench (default 20)")
     return p.parse_args(argv)
 
 
