@@ -939,6 +939,17 @@ def test_dwa_weights_by_hand():
     assert restored.weights() == got
 
 
+def test_mfe_weighting_is_seg_plus_quarter_cls_and_the_default_for_mfe():
+    w = train.Weighting("mfe", ["segmentation", "diagnosis"], image_tasks=["diagnosis"])
+    assert w({"segmentation": torch.tensor(2.0), "diagnosis": torch.tensor(4.0)}).item() == pytest.approx(2 + 0.25 * 4)
+    args = train.parse_args(["--dataset", "ham10000", "--arch", "mfe", "--device", "cpu"])
+    assert train.resolve_config(args)["weighting"] == "mfe"
+    args = train.parse_args(["--dataset", "ham10000", "--arch", "mfe", "--device", "cpu", "--weighting", "dwa"])
+    assert train.resolve_config(args)["weighting"] == "dwa"
+    args = train.parse_args(["--dataset", "ham10000", "--arch", "ctan", "--device", "cpu"])
+    assert train.resolve_config(args)["weighting"] == "equal"
+
+
 def test_uncertainty_weighting_is_learnable():
     w = train.Weighting("uncertainty", ["a", "b"])
     losses = {"a": torch.tensor(2.0), "b": torch.tensor(4.0)}

@@ -257,11 +257,14 @@ class Weighting(nn.Module):
          for the first two epochs); the weights sum to T.
     uncertainty: homoscedastic uncertainty (Kendall, Gal, Cipolla, CVPR 2018), in the common form
          sum_k exp(-s_k) L_k / 2 + s_k / 2 with learnable s_k = log sigma_k^2 (optimised with the model).
+    mfe: MFE-UNet's fixed weights (Bui et al. 2024): L_seg + 0.25 L_cls, i.e. weight 1 for the
+         pixel-level tasks and 0.25 for the image-level ones (`image_tasks`).
     """
 
-    def __init__(self, method, tasks, temperature=2.0):
+    def __init__(self, method, tasks, temperature=2.0, image_tasks=()):
         super().__init__()
         self.method, self.tasks, self.temperature = method, list(tasks), temperature
+        self.image_tasks = set(image_tasks)
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if method == "uncertainty" else None
         self.history = []  # mean training loss per task, one list per finished epoch (DWA)
 
@@ -273,6 +276,8 @@ class Weighting(nn.Module):
             ratio = torch.tensor(self.history[-1]) / torch.tensor(self.history[-2]).clamp_min(1e-12)
             w = len(self.tasks) * torch.softmax(ratio / self.temperature, 0)
             return dict(zip(self.tasks, w.tolist()))
+        if self.method == "mfe":
+            return {t: 0.25 if t in self.image_tasks else 1.0 for t in self.tasks}
         return {t: 1.0 for t in self.tasks}
 
     def forward(self, losses):
@@ -295,6 +300,7 @@ class Weighting(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Configuration, data and model
 # ----------------------------------------------------------------------------------------------
+ARCH_DEFAULTS = {"mfe": dict(weighting="mfe")}  # MFE-UNet's own loss: L_seg + 0.25 L_cls
 RUNTIME_KEYS = {"device", "workers", "out", "resume", "eval_only", "stop_after", "log_every", "bench", "steps",
                 "compile", "checkpointing"}
 # Defaults shared by all datasets (the command line's own defaults are None, to tell "given" from "default").
@@ -313,6 +319,7 @@ def resolve_config(args):
         raise UserError("--device cuda but no CUDA device is available (use --device cpu)")
     cfg = {k: table[k] for k in ("dims", "epochs", "batch_size", "lr", "width", "depth")}
     cfg.update(COMMON)
+    cfg.update(ARCH_DEFAULTS.get(args.arch, {}))
     if device == "cpu":
         cfg.update(table["cpu"])
     if (args.dims or table["dims"]) == 3:
@@ -394,7 +401,8 @@ def make_run(cfg, tasks, in_channels, steps_per_epoch):
         import torch._inductor.config as inductor_config
         inductor_config.fallback_random = True  # dropout draws as in eager mode: the same losses
         net = torch.compile(net, dynamic=False)  # one static graph per input shape
-    weighting = Weighting(cfg["weighting"], list(cfg["losses"])).to(device)
+    weighting = Weighting(cfg["weighting"], list(cfg["losses"]),
+                          image_tasks=[t for t, (kind, _) in tasks.items() if kind == "image"]).to(device)
     params = list(model.parameters()) + list(weighting.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps_per_epoch * cfg["epochs"]))
@@ -1447,7 +1455,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--weighting", choices=("equal", "dwa", "uncertainty"))
+    p.add_argument("--weighting", choices=("equal", "dwa", "uncertainty", "mfe"),
+                   help="task loss weighting (default equal; mfe: L_pixel + 0.25 L_image, the default for --arch mfe)")
     p.add_argument("--class-weights", action="store_true", default=None,
                    help="inverse-frequency class weights in the cross-entropy losses")
     p.add_argument("--augment", action="store_true", default=None, help="training augmentation (data.py)")
