@@ -523,7 +523,8 @@ class MFEUNet(MultiTaskNet):
     """MFE-UNet (Bui, Le, Bum, Choo, arXiv 2412.00351): a ResFormer encoder shared by all tasks,
     skips refined by DFE modules (shared by the decoders), one U-Net decoder per pixel-level task,
     and image-level heads reading the last two encoder stages pooled and concatenated, then FC 32
-    (from that paper)."""
+    (from that paper; the official head has no activation between its two linear layers, ours
+    reuses ``ImageClassifier`` with ReLU and dropout there)."""
 
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, dilations=(6, 12, 18),
                  classifier_levels=(-2, -1), classifier_hidden=32):
