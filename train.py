@@ -376,8 +376,9 @@ def distributed():
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def make_run(cfg, tasks, in_channels, steps_per_epoch):
-    """Model, weighting, optimizer and scheduler for a config (seeded: same cfg, same start).
+def make_run(cfg, tasks, in_channels, steps_per_epoch, model=None):
+    """Model (built from cfg unless given), weighting, optimizer over the trainable parameters and
+    scheduler for a config (seeded: same cfg, same start).
 
     `run.model` is the plain network (its state_dict goes into checkpoints; evaluation uses it);
     `run.net` is what the training step calls: the model wrapped in DistributedDataParallel under
@@ -385,11 +386,13 @@ def make_run(cfg, tasks, in_channels, steps_per_epoch):
     seed_everything(cfg["seed"])
     rank, world, local_rank = distributed()
     device = torch.device(cfg["device"], local_rank) if cfg["device"] == "cuda" else torch.device(cfg["device"])
-    try:
-        model = ctan.build_model(cfg["arch"], tasks, in_channels, dims=cfg["dims"], width=cfg["width"],
-                                 depth=cfg["depth"], checkpointing=cfg["checkpointing"]).to(device)
-    except ValueError as e:  # an impossible combination of options (e.g. depth 1 with mtan)
-        raise UserError(f"cannot build {cfg['arch']}: {e}") from None
+    if model is None:
+        try:
+            model = ctan.build_model(cfg["arch"], tasks, in_channels, dims=cfg["dims"], width=cfg["width"],
+                                     depth=cfg["depth"], checkpointing=cfg["checkpointing"])
+        except ValueError as e:  # an impossible combination of options (e.g. depth 1 with mtan)
+            raise UserError(f"cannot build {cfg['arch']}: {e}") from None
+    model = model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if cfg["dims"] == 2:
@@ -403,12 +406,19 @@ def make_run(cfg, tasks, in_channels, steps_per_epoch):
         net = torch.compile(net, dynamic=False)  # one static graph per input shape
     weighting = Weighting(cfg["weighting"], list(cfg["losses"]),
                           image_tasks=[t for t, (kind, _) in tasks.items() if kind == "image"]).to(device)
-    params = list(model.parameters()) + list(weighting.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(weighting.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps_per_epoch * cfg["epochs"]))
     return SimpleNamespace(cfg=cfg, device=device, model=model, net=net, weighting=weighting, optimizer=optimizer,
                            scheduler=scheduler, steps_per_epoch=steps_per_epoch, class_weights=None,
                            rank=rank, world=world)
+
+
+def warn_if_synthetic(ds, cfg, log):
+    """Say loudly when the data is a synthetic stand-in."""
+    if ds.synthetic:
+        log("!" * 78 + f"\n!! WARNING: {cfg['data']} is a SYNTHETIC stand-in, not the real {cfg['dataset']} data;\n"
+            "!! its metrics say nothing about the paper's results or about real patients.\n" + "!" * 78)
 
 
 def steps_per_epoch(cfg, ds):
@@ -496,9 +506,14 @@ def to_device(batch, device, channels_last=False):
     return out
 
 
+def autocast(device):
+    """bf16 autocast on CUDA, fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def forward(run, image, net=None):
-    """The network on a batch: bf16 autocast on CUDA, fp32 on CPU. `net` defaults to the plain model."""
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+    """The network on a batch (see `autocast`). `net` defaults to the plain model."""
+    with autocast(run.device):
         return (run.model if net is None else net)(image)
 
 
@@ -996,13 +1011,9 @@ def guidance_loss(guided, target):
     return sum(F.mse_loss(g.float(), t.float()) for g, t in zip(guided, target)) / len(target)
 
 
-def _autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def guidance_step_features(inferior, superior, batch, device):
     """(inferior features, superior features) of a batch on the device, from the frozen (a) models."""
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         f_inf = inferior.features(batch["image"])["dose"]
         f_sup = superior.features(torch.cat([batch["image"], batch["structures"]], 1))["dose"]
     return [f.float() for f in f_inf], [f.float() for f in f_sup]
@@ -1018,7 +1029,7 @@ def guidance_mse(guidance, inferior, superior, ds, cfg, device):
     for batch in loader:
         batch = to_device(batch, device)
         f_inf, f_sup = guidance_step_features(inferior, superior, batch, device)
-        with _autocast(device):
+        with autocast(device):
             guided = guidance(f_inf)
         total += guidance_loss(guided, f_sup).item() * batch["image"].shape[0]
         n += batch["image"].shape[0]
@@ -1139,7 +1150,7 @@ def guidance_stage_b(cfg, splits, inferior, superior, log=print):
                 break
             batch = to_device(batch, device)
             f_inf, f_sup = guidance_step_features(inferior, superior, batch, device)
-            with _autocast(device):
+            with autocast(device):
                 guided = guidance(f_inf)
             loss = guidance_loss(guided, f_sup)
             if not torch.isfinite(loss):
@@ -1188,21 +1199,14 @@ def guidance_stage_d(cfg, splits, log=print):
     scfg = _stage_cfg(cfg, "d_combined")
     sub = Path(scfg["out"])
     sub.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg["device"])
     seed_everything(cfg["seed"])
-    model = CombinedGuidedModel(inferior, guidance, cfg["dims"]).to(device)
-    init_output_bias(model, splits["train"], DOSE_LOSS, n_items=64 if cfg["dims"] == 2 else 8)
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps = steps_per_epoch(scfg, splits["train"])
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    run = SimpleNamespace(
-        cfg=scfg, device=device, model=model, net=torch.compile(model) if cfg.get("compile") else model,
-        weighting=Weighting("equal", list(DOSE_LOSS)).to(device), optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps * cfg["epochs"])),
-        steps_per_epoch=steps, class_weights=None, rank=0, world=1,
-        train_ds=splits["train"], val_ds=splits["val"], test_ds=splits["test"])
-    log(f"stage d_combined: new decoder on [f ; G(f)], {sum(p.numel() for p in params) / 1e6:.2f}M trained "
-        f"parameters (inferior encoder and G frozen), {steps} steps/epoch")
+    model = CombinedGuidedModel(inferior, guidance, cfg["dims"])
+    run = make_run(scfg, DOSE_TASK, 1, steps_per_epoch(scfg, splits["train"]), model=model)
+    init_output_bias(run.model, splits["train"], DOSE_LOSS, n_items=64 if cfg["dims"] == 2 else 8)
+    run.train_ds, run.val_ds, run.test_ds = splits["train"], splits["val"], splits["test"]
+    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    log(f"stage d_combined: new decoder on [f ; G(f)], {trained / 1e6:.2f}M trained "
+        f"parameters (inferior encoder and G frozen), {run.steps_per_epoch} steps/epoch")
     best = fit(run, log)
     metrics, _ = test(run, sub / "best.pt", log)
     _keep_best(run, sub, Path(cfg["out"]), "d_combined", best, metrics, {}, log)
@@ -1253,9 +1257,7 @@ def run_guidance(args, log=print):
               for s in ("train", "val", "test")}
     if splits["train"].dataset != cfg["dataset"]:
         raise UserError(f"{cfg['data']} holds {splits['train'].dataset}, not {cfg['dataset']} (check --data)")
-    if splits["train"].synthetic:
-        log("!" * 78 + f"\n!! WARNING: {cfg['data']} is a SYNTHETIC stand-in, not the real {cfg['dataset']} data;\n"
-            "!! its metrics say nothing about real patients.\n" + "!" * 78)
+    warn_if_synthetic(splits["train"], cfg, log)
     out.mkdir(parents=True, exist_ok=True)
     log(f"guidance on {cfg['dataset']} ({cfg['dims']}D, {cfg['device']}): stages {', '.join(stages)}; superior "
         f"input CT + {splits['train'].tasks['structures'][1]} ROI masks, inferior input CT; "
@@ -1333,9 +1335,7 @@ def train_and_test(cfg, args, log=print):
         cfg.update({key: ck_cfg[key] for key in ("dims", "width", "depth")})
     log("config: " + json.dumps(cfg, default=_json_default))
     run = build(cfg)
-    if run.train_ds.synthetic:
-        log("!" * 78 + f"\n!! WARNING: {cfg['data']} is a SYNTHETIC stand-in, not the real {cfg['dataset']} data;\n"
-            "!! its metrics say nothing about the paper's results.\n" + "!" * 78)
+    warn_if_synthetic(run.train_ds, cfg, log)
     log(f"{cfg['arch']} on {cfg['dataset']} ({cfg['dims']}D, {cfg['device']}): "
         f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(run.train_ds)} training items, {run.steps_per_epoch} steps/epoch")
