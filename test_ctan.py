@@ -939,6 +939,14 @@ def test_dwa_weights_by_hand():
     assert restored.weights() == got
 
 
+def test_best_checkpoint_rule():
+    nan = float("nan")
+    assert train.better(0.7, None, "auc_covid") and train.better(0.7, nan, "auc_covid")
+    assert train.better(1.0, 1.0, "auc_severe")  # a tie goes to the later epoch
+    assert not train.better(0.9, 1.0, "auc_severe") and not train.better(nan, 0.5, "auc_severe")
+    assert train.better(4.0, 5.0, "dose_score") and not train.better(5.0, 4.0, "dose_score")  # lower is better
+
+
 def test_mfe_weighting_is_seg_plus_quarter_cls_and_the_default_for_mfe():
     w = train.Weighting("mfe", ["segmentation", "diagnosis"], image_tasks=["diagnosis"])
     assert w({"segmentation": torch.tensor(2.0), "diagnosis": torch.tensor(4.0)}).item() == pytest.approx(2 + 0.25 * 4)

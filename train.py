@@ -56,7 +56,8 @@ DEFAULTS = {
         dims=3, epochs=40, batch_size=2, lr=3e-4, width=32, depth=(2, 2, 2, 2), size=(128, 128, 128),
         losses={"covid": "ce", "severe": "ce"},
         metrics=("auc_severe", "auc_covid"), select="auc_severe",
-        cpu=dict(width=16, depth=(2, 2, 2, 2), epochs=6, batch_size=2, max_steps_per_epoch=30, max_eval_cases=32),
+        cpu=dict(width=16, depth=(2, 2, 2, 2), epochs=15, batch_size=8, lr=1e-3, max_steps_per_epoch=30,
+                 max_eval_cases=32),
     ),
 }
 # Direction of every reported metric: +1 higher is better, -1 lower is better (Delta_MTL, best.pt).
@@ -807,13 +808,15 @@ def fmt_metrics(metrics, keys):
 
 
 def better(a, b, key):
-    """Is metric value a better than the best so far, b? Anything beats None (so best.pt always
-    exists), a finite value beats NaN (e.g. an AUC on a validation set with one class)."""
+    """Is metric value a (this epoch) at least as good as the best so far, b? Anything beats None
+    (so best.pt always exists), a finite value beats NaN (e.g. an AUC on a validation set with one
+    class), and a tie goes to the later epoch, which has trained longer (small validation sets
+    saturate: an AUC of 1.0 from epoch 2 on should not pin best.pt to epoch 2)."""
     if b is None:
         return True
     if not np.isfinite(b):
         return bool(np.isfinite(a))
-    return bool(np.isfinite(a)) and DIRECTION[key] * (a - b) > 0
+    return bool(np.isfinite(a)) and DIRECTION[key] * (a - b) >= 0
 
 
 # ----------------------------------------------------------------------------------------------
