@@ -50,7 +50,7 @@ DEFAULTS = {
         dims=2, epochs=60, batch_size=32, lr=1e-3, width=64, depth=(3, 4, 6, 3), size=(192, 256),
         losses={"segmentation": "bce_dice", "diagnosis": "ce"},
         metrics=("dice", "isic_jaccard", "balanced_accuracy", "auc"), select="balanced_accuracy",
-        cpu=dict(width=32, depth=(2, 2, 2, 2), epochs=6, batch_size=16, max_steps_per_epoch=40, max_eval_cases=64),
+        cpu=dict(width=32, depth=(2, 2, 2, 2), epochs=20, batch_size=16, max_steps_per_epoch=40, max_eval_cases=64),
     ),
     "stoic": dict(
         dims=3, epochs=40, batch_size=2, lr=3e-4, width=32, depth=(2, 2, 2, 2), size=(128, 128, 128),
