@@ -399,6 +399,7 @@ class MultiTaskNet(nn.Module):
     encoder features. Subclasses define ``features(x) -> {task: [feature maps, shallow to deep]}``."""
 
     size_multiple = 32  # five stride-2 steps in the encoder
+    default_encoder = ResNetEncoder  # used when no ``encoder`` factory is given: ResNet-50
 
     def __init__(self, tasks, in_channels, dims, channels, norm_kind="batch", classifier_levels=(-1,),
                  classifier_hidden=256):
@@ -407,6 +408,11 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleDict({name: make_head(dims, kind, channels, n, norm_kind, classifier_levels,
                                                     classifier_hidden)
                                     for name, (kind, n) in self.tasks.items()})
+
+    @classmethod
+    def encoder_factory(cls, encoder, dims, in_channels):
+        """``encoder`` (a no-argument callable that builds one encoder), or the class default."""
+        return encoder or (lambda: cls.default_encoder(dims, in_channels))
 
     def check(self, x):
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
@@ -427,6 +433,7 @@ class STL(MultiTaskNet):
     nothing shared; tasks only meet in the summed loss."""
 
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, **head_options):
+        encoder = self.encoder_factory(encoder, dims, in_channels)
         encoders = {name: encoder() for name in tasks}
         super().__init__(tasks, in_channels, dims, next(iter(encoders.values())).channels, norm_kind, **head_options)
         self.encoders = nn.ModuleDict(encoders)
@@ -440,7 +447,7 @@ class HPS(MultiTaskNet):
     per task."""
 
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, **head_options):
-        shared = encoder()
+        shared = self.encoder_factory(encoder, dims, in_channels)()
         super().__init__(tasks, in_channels, dims, shared.channels, norm_kind, **head_options)
         self.encoder = shared
 
@@ -457,7 +464,7 @@ class MTAN(MultiTaskNet):
     Needs at least two blocks per stage (the mask reads the features before the last block)."""
 
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, **head_options):
-        shared = encoder()
+        shared = self.encoder_factory(encoder, dims, in_channels)()
         super().__init__(tasks, in_channels, dims, shared.channels, norm_kind, **head_options)
         if any(len(stage) < 2 for stage in shared.stages):
             raise ValueError("mtan/ctan need depth >= 2 blocks in every stage (the attention mask reads "
@@ -526,9 +533,11 @@ class MFEUNet(MultiTaskNet):
     (from that paper; the official head has no activation between its two linear layers, ours
     reuses ``ImageClassifier`` with ReLU and dropout there)."""
 
+    default_encoder = ResFormerEncoder
+
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, dilations=(6, 12, 18),
                  classifier_levels=(-2, -1), classifier_hidden=32):
-        shared = encoder()
+        shared = self.encoder_factory(encoder, dims, in_channels)()
         super().__init__(tasks, in_channels, dims, shared.channels, norm_kind, classifier_levels, classifier_hidden)
         self.encoder = shared
         self.pixel_tasks = [name for name, (kind, _) in self.tasks.items() if kind == "pixel"]

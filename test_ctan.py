@@ -198,6 +198,13 @@ def test_bad_arguments_raise_value_error_naming_the_allowed_values(call, message
         call()
 
 
+def test_networks_can_be_built_directly_with_default_encoders():
+    """An engineer copying ctan.py can call the classes themselves: the same as build_model's defaults."""
+    for arch, cls in ctan.NETWORKS.items():
+        direct, factory = cls(TWO, 1), ctan.build_model(arch, TWO, 1)
+        assert ctan.count_parameters(direct) == ctan.count_parameters(factory), arch
+
+
 def test_checkpointing_gives_the_same_gradients():
     x = tiny_input(2)
     result = []
