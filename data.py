@@ -132,6 +132,11 @@ def default_path(name: str) -> Path:
     return Path("data") / f"{check_name(name)}.h5"
 
 
+def in_channels(name: str) -> int:
+    """Input channels of a dataset's model: 3 for RGB dermoscopy, 1 for CT."""
+    return 3 if SPECS[check_name(name)].modality == "rgb" else 1
+
+
 def task_spec(name: str, n_rois: int = 0) -> dict:
     """{task: (kind, n_out)} of a dataset; `structures` gets one channel per ROI."""
     return {t: (kind, n_rois if n is None else n) for t, (kind, n) in SPECS[check_name(name)].tasks.items()}
@@ -885,7 +890,7 @@ class H5Dataset(torch.utils.data.Dataset):
             why = {"stoic": "its labels are per scan", "ham10000": "its images are 2D"}[self.dataset]
             raise DataError(f"{self.dataset} cannot be read with dims={dims}: {why}; use dims={spec.model_dims[0]}")
         self.modality, self.roi_names = spec.modality, list(meta["rois"])
-        self.in_channels = 3 if spec.modality == "rgb" else 1
+        self.in_channels = in_channels(self.dataset)
         self.num_cases = meta["counts"][split]
         self.slices = self.dims == 2 and len(meta["spatial"]) == 3
         self.spatial = meta["spatial"][:2] if self.slices else meta["spatial"]  # of one item

@@ -599,7 +599,7 @@ def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
     writes preview PNGs of the first `n_preview` cases."""
     name = run.cfg["dataset"]
     sub = case_subset(ds, max_cases)
-    if name in ("openkbp", "prostate"):
+    if name in data.PLANNING:
         return _evaluate_rt(run, ds, sub, preview_dir, n_preview)
     if name == "ham10000":
         return _evaluate_ham(run, ds, sub, preview_dir, n_preview)
@@ -1404,7 +1404,7 @@ def bench(cfg, log=print):
     name, path = cfg["dataset"], Path(cfg["data"])
     ds = open_split(cfg, "train") if path.exists() else None
     tasks = ds.tasks if ds else data.task_spec(name, len(data.SPECS[name].rois))
-    in_channels = ds.in_channels if ds else (3 if data.SPECS[name].modality == "rgb" else 1)
+    in_channels = ds.in_channels if ds else data.in_channels(name)
     run = make_run(cfg, tasks, in_channels, steps_per_epoch=cfg["steps"] + 10)
     warmup, steps = max(3, cfg["steps"] // 4), cfg["steps"]
     if run.device.type == "cuda":
