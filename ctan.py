@@ -243,15 +243,18 @@ class CrossTaskAttention(nn.Module):
         k, v = W_kv^s LN(pool(f_s)),  s != t   tokens of all other tasks, concatenated
         f_t <- f_t + gamma_t * W_o^t MHA(q, k, v)
     Ours (arguments): ``heads``; inner width C / ``reduction``; keys and values average-pooled until
-    at most ``max_tokens`` per task, so that 3D volumes stay affordable; the residual gate gamma_t
-    starts at ``gate_init``. Attention runs through ``F.scaled_dot_product_attention`` (flash /
-    memory-efficient kernels on GPU).
+    at most ``max_tokens`` per task, so that 3D volumes stay affordable; with ``pool_queries`` the
+    queries are pooled by the same factor and the update is upsampled back (nearest) before the
+    residual, so high-resolution stages cost like a ``max_tokens`` map (ViT-style token reduction;
+    ``False`` keeps one query per voxel); the residual gate gamma_t starts at ``gate_init``.
+    Attention runs through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
+    GPU).
     """
 
-    def __init__(self, channels, n_tasks, heads=4, reduction=4, max_tokens=512, gate_init=0.1):
+    def __init__(self, channels, n_tasks, heads=4, reduction=4, max_tokens=512, gate_init=0.1, pool_queries=True):
         super().__init__()
         inner = max(heads, channels // reduction // heads * heads)
-        self.heads, self.max_tokens = heads, max_tokens
+        self.heads, self.max_tokens, self.pool_queries = heads, max_tokens, pool_queries
         self.norm = nn.ModuleList(nn.LayerNorm(channels) for _ in range(n_tasks))
         self.q = nn.ModuleList(nn.Linear(channels, inner) for _ in range(n_tasks))
         self.kv = nn.ModuleList(nn.Linear(channels, 2 * inner) for _ in range(n_tasks))
@@ -275,12 +278,13 @@ class CrossTaskAttention(nn.Module):
                for s, f in enumerate(feats)]
         out = []
         for t, f in enumerate(feats):
-            q = self.split_heads(self.q[t](self.norm[t](tokens(f))))
+            f_q = avg_pool(f, factor) if self.pool_queries else f
+            q = self.split_heads(self.q[t](self.norm[t](tokens(f_q))))
             k = self.split_heads(torch.cat([kv[0] for s, kv in enumerate(kvs) if s != t], 1))
             v = self.split_heads(torch.cat([kv[1] for s, kv in enumerate(kvs) if s != t], 1))
             a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-            a = self.out[t](a).transpose(1, 2).reshape(shape)
-            out.append(f + self.gate[t] * a)
+            a = self.out[t](a).transpose(1, 2).reshape(f_q.shape)
+            out.append(f + self.gate[t] * (upsample(a, shape[2:]) if a.shape != shape else a))
         return out
 
 
@@ -459,13 +463,20 @@ class HPS(MultiTaskNet):
 class MTAN(MultiTaskNet):
     """Multi-Task Attention Network baseline (from MTAN, official ResNet version): a shared encoder
     and, per task and stage, a soft attention mask over the shared features (``TaskAttention``).
-    The attended features a_s pass through a residual block (the official 'encoder_block_att') to
-    the next stage's size and feed the next mask. Each task's heads read [stem, a_1 .. a_4].
-    Needs at least two blocks per stage (the mask reads the features before the last block)."""
+    The attended features a_s pass through a transition to the next stage's size and feed the next
+    mask. Each task's heads read [stem, a_1 .. a_4]. Needs at least two blocks per stage (the mask
+    reads the features before the last block).
 
-    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, **head_options):
+    ``transition``: "block", the official 'encoder_block_att' (a strided residual block of the
+    encoder's kind at the next stage's width), or "conv" (ours: a strided 1x1 conv-norm-ReLU, the
+    block's shortcut alone; about a quarter of its FLOPs, for speed)."""
+
+    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
+                 **head_options):
         shared = self.encoder_factory(encoder, dims, in_channels)()
         super().__init__(tasks, in_channels, dims, shared.channels, norm_kind, **head_options)
+        if transition not in ("block", "conv"):
+            raise ValueError(f"transition must be 'block' (official MTAN) or 'conv' (light), got {transition!r}")
         if any(len(stage) < 2 for stage in shared.stages):
             raise ValueError("mtan/ctan need depth >= 2 blocks in every stage (the attention mask reads "
                              "the features before each stage's last block)")
@@ -475,9 +486,10 @@ class MTAN(MultiTaskNet):
         self.attention = nn.ModuleList(
             nn.ModuleList(TaskAttention(dims, ch[s] * (1 if s == 0 else 2), ch[s], norm_kind) for _ in self.tasks)
             for s in range(len(ch)))
-        self.transition = nn.ModuleList(
-            nn.ModuleList(block_cls(dims, ch[s], ch[s + 1], stride=2, norm_kind=norm_kind) for _ in self.tasks)
-            for s in range(len(ch) - 1))
+        step = (lambda cin, cout: block_cls(dims, cin, cout, stride=2, norm_kind=norm_kind) if transition == "block"
+                else conv_norm_act(dims, cin, cout, k=1, stride=2, norm_kind=norm_kind))
+        self.transition = nn.ModuleList(nn.ModuleList(step(ch[s], ch[s + 1]) for _ in self.tasks)
+                                        for s in range(len(ch) - 1))
 
     def exchange(self, stage, feats):
         """Hook between tasks after each stage: nothing crosses tasks in MTAN."""
@@ -506,11 +518,14 @@ class CTAN(MTAN):
     flow into the next stage, the skip connections and the heads.
 
     ``cross_stages``: the stages (1-4; 4 is the bottleneck) with cross-task attention (ours:
-    all four by default; an empty tuple turns it off and gives exactly MTAN)."""
+    all four by default; an empty tuple turns it off and gives exactly MTAN with the same
+    ``transition``). ``heads``, ``reduction``, ``max_tokens``, ``gate_init``, ``pool_queries``:
+    see ``CrossTaskAttention``."""
 
-    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, cross_stages=(1, 2, 3, 4),
-                 heads=4, reduction=4, max_tokens=512, gate_init=0.1, **head_options):
-        super().__init__(tasks, in_channels, dims, norm_kind, encoder, **head_options)
+    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
+                 cross_stages=(1, 2, 3, 4), heads=4, reduction=4, max_tokens=512, gate_init=0.1, pool_queries=True,
+                 **head_options):
+        super().__init__(tasks, in_channels, dims, norm_kind, encoder, transition, **head_options)
         if len(self.tasks) < 2:
             raise ValueError("ctan needs at least two tasks (cross-task attention has nothing to attend to)")
         n_stages = len(self.encoder.stages)
@@ -518,7 +533,7 @@ class CTAN(MTAN):
             raise ValueError(f"cross_stages must be within 1..{n_stages}, got {tuple(cross_stages)}")
         self.cross = nn.ModuleDict({
             str(s): CrossTaskAttention(self.encoder.channels[s], len(self.tasks), heads, reduction, max_tokens,
-                                       gate_init)
+                                       gate_init, pool_queries)
             for s in sorted(set(cross_stages))})
 
     def exchange(self, stage, feats):
@@ -604,8 +619,9 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     arch: one of ``ARCHS``. tasks: ``{name: (kind, n_out)}`` with kind "pixel" or "image".
     in_channels: input channels. dims: 2 or 3. width, depth, block: the residual encoder
     (ResNet-50 by default; ``mfe`` uses basic blocks, i.e. ResNet-34, whatever ``block`` says).
-    Other keyword options go to the network's constructor (e.g. CTAN's ``cross_stages``,
-    ``heads``, ``max_tokens``, ``gate_init``; MFE-UNet's ``window``).
+    Other keyword options go to the network's constructor (e.g. MTAN's and CTAN's ``transition``;
+    CTAN's ``cross_stages``, ``heads``, ``max_tokens``, ``gate_init``, ``pool_queries``; MFE-UNet's
+    ``window``).
     """
     if arch not in NETWORKS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")

@@ -71,6 +71,22 @@ def test_shapes_and_gradients_reach_every_parameter(arch, dims, mix):
         assert p.grad.abs().sum() > 0, f"{arch}: zero gradient for {name}"
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("arch", ["mtan", "ctan"])
+def test_light_transition_shapes_and_gradients(arch, dims):
+    """transition="conv": a strided 1x1 conv-norm-ReLU per task between stages instead of MTAN's block."""
+    model, x = tiny_model(arch, TASK_MIXES["pixel+image"], dims, transition="conv"), tiny_input(dims, size=64)
+    step = model.transition[0][0]
+    assert isinstance(step[0], (torch.nn.Conv2d, torch.nn.Conv3d)) and step[0].kernel_size == (1,) * dims
+    assert step[0].stride == (2,) * dims
+    assert ctan.count_parameters(model) < ctan.count_parameters(tiny_model(arch, TASK_MIXES["pixel+image"], dims))
+    out = model(x)
+    assert tuple(out["segmentation"].shape) == (2, 1, *x.shape[2:]) and tuple(out["diagnosis"].shape) == (2, 7)
+    sum(o.square().mean() for o in out.values()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 def grads(model, x, task):
     """Gradient of one task's output w.r.t. every parameter (None where the output does not depend on it)."""
     out = model(x)[task].square().mean()
@@ -121,9 +137,11 @@ def test_ctan_cross_task_attention_carries_information_between_tasks(dims):
         assert reaches(g, task_branch(0)[0])
 
 
-def test_ctan_without_cross_attention_is_mtan():
+@pytest.mark.parametrize("transition", ["block", "conv"])
+def test_ctan_without_cross_attention_is_mtan(transition):
     x = tiny_input(2)
-    a, b = tiny_model("mtan", TWO).eval(), tiny_model("ctan", TWO, cross_stages=()).eval()
+    a = tiny_model("mtan", TWO, transition=transition).eval()
+    b = tiny_model("ctan", TWO, cross_stages=(), transition=transition).eval()
     b.load_state_dict(a.state_dict())
     for name, y in a(x).items():
         torch.testing.assert_close(b(x)[name], y)
@@ -160,6 +178,24 @@ def test_cross_task_attention_pools_keys_to_bounded_tokens():
     assert all(o.shape == f.shape for o, f in zip(att(feats), feats))
 
 
+def test_pooled_queries_give_the_attention_of_the_pooled_map_upsampled():
+    """pool_queries: the update at a large stage is the update of the pooled map, repeated over
+    each pooled block; at a stage within max_tokens nothing is pooled (same as full queries)."""
+    torch.manual_seed(0)
+    pooled = ctan.CrossTaskAttention(channels=8, n_tasks=2, heads=2, max_tokens=64, gate_init=1.0).eval()
+    full = ctan.CrossTaskAttention(channels=8, n_tasks=2, heads=2, max_tokens=64, gate_init=1.0,
+                                   pool_queries=False).eval()
+    full.load_state_dict(pooled.state_dict())
+    small = [torch.randn(2, 8, 8, 8) for _ in range(2)]  # 64 tokens: no pooling
+    for a, b in zip(pooled(small), full(small)):
+        torch.testing.assert_close(a, b)
+    feats = [torch.randn(2, 8, 32, 32) for _ in range(2)]  # 1024 tokens: pooled by 4
+    coarse = [ctan.avg_pool(f, 4) for f in feats]
+    for f, out, c, c_out in zip(feats, pooled(feats), coarse, full(coarse)):
+        torch.testing.assert_close(out - f, ctan.upsample(c_out - c, f.shape[2:]), atol=1e-5, rtol=1e-5)
+    assert not all(torch.allclose(a, b) for a, b in zip(pooled(feats), full(feats)))
+
+
 def test_window_partition_round_trips():
     for shape, window in [((2, 3, 8, 12), [4, 4]), ((1, 2, 4, 8, 6), [2, 4, 3])]:
         x = torch.randn(shape)
@@ -189,6 +225,7 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("ctan", {"a": ("pixel", 1)}, 1, **TINY), "at least two tasks"),
     (lambda: ctan.build_model("mtan", TWO, 1, width=4, depth=(1, 1, 1, 1)), "depth >= 2"),
     (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=(5,), **TINY), "cross_stages"),
+    (lambda: ctan.build_model("mtan", TWO, 1, transition="bottleneck", **TINY), "'block' .* or 'conv'"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 40, 40)), "multiple of 32"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 3, 32, 32)), "expected input of shape"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, 32)), "2D model"),
@@ -1078,12 +1115,38 @@ def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
         (_argv(synthetic, tmp_path / "x", "openkbp", "nope"), "ctan"),
         (_argv(synthetic, tmp_path / "x") + ["--dataset", "mnist"], "ham10000"),
         (_argv(synthetic, tmp_path / "x", "ham10000") + ["--data", str(synthetic["openkbp"])], "holds openkbp"),
+        (_argv(synthetic, tmp_path / "x", "openkbp", "hps") + ["--transition", "conv"], "applies to mtan and ctan"),
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as e:
             train.main(argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and expected in err, err
+
+
+def test_transition_option_reaches_the_model(synthetic, tmp_path):
+    sizes = {}
+    for transition in ("block", "conv"):
+        args = train.parse_args(_argv(synthetic, tmp_path / "t", "openkbp", "ctan", "--transition", transition))
+        model = train.build(train.resolve_config(args)).model
+        sizes[transition] = ctan.count_parameters(model)
+        assert isinstance(model.transition[0][0], ctan.Bottleneck) == (transition == "block")
+    assert sizes["conv"] < sizes["block"]
+
+
+def test_checkpoints_from_before_an_option_keep_the_model_they_were_made_with(synthetic, tmp_path):
+    """A CTAN checkpoint written before `transition`/`pool_queries` existed is evaluated with the
+    model it was trained as: official transitions and one query per voxel."""
+    argv = _argv(synthetic, tmp_path / "old", "openkbp", "ctan", "--epochs", "1")
+    train.main(argv)
+    ck = torch.load(tmp_path / "old" / "best.pt", weights_only=False)
+    assert ck["config"]["pool_queries"] is True
+    for key in train.BEFORE_OPTION:
+        del ck["config"][key]
+    torch.save(ck, tmp_path / "old" / "best.pt")
+    assert train.load_checkpoint(tmp_path / "old" / "best.pt")["config"]["pool_queries"] is False
+    res = train.main(argv + ["--eval-only", str(tmp_path / "old" / "best.pt")])
+    assert res["config"]["pool_queries"] is False and res["config"]["transition"] == "block"
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic, tmp_path, capsys, monkeypatch):

@@ -307,7 +307,11 @@ RUNTIME_KEYS = {"device", "workers", "out", "resume", "eval_only", "stop_after",
 # Defaults shared by all datasets (the command line's own defaults are None, to tell "given" from "default").
 COMMON = dict(weight_decay=1e-4, weighting="equal", seed=0, class_weights=False, augment=False, log_every=30.0,
               max_steps_per_epoch=None, max_eval_cases=None, workers=None, stop_after=None, resume=False,
-              eval_only=None, compile=False, checkpointing=False, bench=False, steps=20)
+              eval_only=None, compile=False, checkpointing=False, bench=False, steps=20, transition="block",
+              pool_queries=True)
+MODEL_OPTIONS = {"mtan": ("transition",), "ctan": ("transition", "pool_queries")}  # cfg keys for ctan.build_model
+# Model options that checkpoints written before them lack, with the value those checkpoints used.
+BEFORE_OPTION = dict(transition="block", pool_queries=False)
 
 
 def resolve_config(args):
@@ -318,6 +322,8 @@ def resolve_config(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available (use --device cpu)")
+    if args.transition and "transition" not in MODEL_OPTIONS.get(args.arch, ()):
+        raise UserError(f"--transition applies to mtan and ctan (their per-task branches), not {args.arch}")
     cfg = {k: table[k] for k in ("dims", "epochs", "batch_size", "lr", "width", "depth")}
     cfg.update(COMMON)
     cfg.update(ARCH_DEFAULTS.get(args.arch, {}))
@@ -389,8 +395,9 @@ def make_run(cfg, tasks, in_channels, steps_per_epoch, model=None):
     device = torch.device(cfg["device"], local_rank) if cfg["device"] == "cuda" else torch.device(cfg["device"])
     if model is None:
         try:
+            options = {key: cfg[key] for key in MODEL_OPTIONS.get(cfg["arch"], ())}
             model = ctan.build_model(cfg["arch"], tasks, in_channels, dims=cfg["dims"], width=cfg["width"],
-                                     depth=cfg["depth"], checkpointing=cfg["checkpointing"])
+                                     depth=cfg["depth"], checkpointing=cfg["checkpointing"], **options)
         except ValueError as e:  # an impossible combination of options (e.g. depth 1 with mtan)
             raise UserError(f"cannot build {cfg['arch']}: {e}") from None
     model = model.to(device)
@@ -408,7 +415,8 @@ def make_run(cfg, tasks, in_channels, steps_per_epoch, model=None):
     weighting = Weighting(cfg["weighting"], list(cfg["losses"]),
                           image_tasks=[t for t, (kind, _) in tasks.items() if kind == "image"]).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(weighting.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                  fused=device.type == "cuda")  # one kernel for the whole update on a GPU
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps_per_epoch * cfg["epochs"]))
     return SimpleNamespace(cfg=cfg, device=device, model=model, net=net, weighting=weighting, optimizer=optimizer,
                            scheduler=scheduler, steps_per_epoch=steps_per_epoch, class_weights=None,
@@ -789,7 +797,10 @@ def _json_default(x):
 
 def load_checkpoint(path):
     # Our own files: they hold numpy/python RNG states, which weights_only loading rejects.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if "config" in ck:
+        ck["config"] = {**BEFORE_OPTION, **ck["config"]}
+    return ck
 
 
 def checkpoint(run, epoch, best):
@@ -1335,7 +1346,7 @@ def train_and_test(cfg, args, log=print):
         if (ck_cfg["dataset"], ck_cfg["arch"]) != (cfg["dataset"], cfg["arch"]):
             raise UserError(f"--eval-only: {ck_path} is {ck_cfg['arch']} on {ck_cfg['dataset']}, "
                             f"not {cfg['arch']} on {cfg['dataset']}")
-        cfg.update({key: ck_cfg[key] for key in ("dims", "width", "depth")})
+        cfg.update({key: ck_cfg[key] for key in ("dims", "width", "depth", *BEFORE_OPTION)})
     log("config: " + json.dumps(cfg, default=_json_default))
     run = build(cfg)
     warn_if_synthetic(run.train_ds, cfg, log)
@@ -1479,6 +1490,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step's model")
     p.add_argument("--checkpointing", action="store_true", default=None,
                    help="activation checkpointing of the encoder stages (less memory, ~30%% more compute; 3D)")
+    p.add_argument("--transition", choices=("block", "conv"),
+                   help="mtan/ctan per-task transition between stages: block (official MTAN, default) or conv "
+                        "(strided 1x1, faster)")
     p.add_argument("--bench", action="store_true", default=None,
                    help="time --steps training steps at the real input size and print one JSON line")
     p.add_argument("--steps", type=int, help="timed steps for --bench (default 20)")
