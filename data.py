@@ -23,19 +23,22 @@ File attributes:
   synthetic       bool  True for `synth` stand-ins, False for converted real data
   source          str   raw folder that was converted, or "synthetic seed=K"
   converter       str   "data.py N" (N = FORMAT_VERSION), the code that wrote the file
-  format_version  int   1
+  format_version  int   2 (1 stored planning volumes z last; ham10000 and stoic are unchanged)
   created         str   UTC time of writing
   roi_names       str   JSON list, channel order of `structures` (openkbp, prostate)
   classes         str   JSON list, meaning of `diagnosis` (ham10000)
 Groups train, val, test. In each, row i of every array is case i (N cases, N may be 0):
-  openkbp, prostate  (D = H = W = 128 for the real OpenKBP; axis 2 is the axial axis z)
-    image               (N, D, H, W)     int16    CT in HU. OpenKBP's ct.csv holds HU + 1024 and
+  openkbp, prostate  (Z = D = H = 128 for the real OpenKBP.) The raw CSVs index a D x H x W
+  volume whose last axis W is the axial axis z; it is stored z first, as (Z, D, H) =
+  np.moveaxis(raw, -1, -3) (`axial_first`), so that one axial slice and one whole volume are
+  both contiguous reads (format 1 stored z last: 3D reads were 2.5x slower)
+    image               (N, Z, D, H)     int16    CT in HU. OpenKBP's ct.csv holds HU + 1024 and
                                                   omits zeros, so an absent voxel is -1024 HU and
                                                   csv value = image + 1024 exactly
-    dose                (N, D, H, W)     float32  Gy (dose.csv values as float32)
-    structures          (N, R, D, H, W)  bool     channel r = roi_names[r]; all False = not contoured
-    possible_dose_mask  (N, D, H, W)     bool
-    voxel_dimensions    (N, 3)           float64  mm per array axis (voxel_dimensions.csv)
+    dose                (N, Z, D, H)     float32  Gy (dose.csv values as float32)
+    structures          (N, R, Z, D, H)  bool     channel r = roi_names[r]; all False = not contoured
+    possible_dose_mask  (N, Z, D, H)     bool
+    voxel_dimensions    (N, 3)           float64  mm per stored axis (voxel_dimensions.csv, z moved first)
     id                  (N,)             str      patient folder, e.g. pt_1
   ham10000  (H x W = 192 x 256 when converted with the default --size 256x192)
     image               (N, H, W, 3)     uint8    RGB, resized bilinearly to H x W
@@ -54,7 +57,8 @@ Groups train, val, test. In each, row i of every array is case i (N cases, N may
     original_voxel_dimensions (N, 3)     float64  mm per array axis before resizing
 Images and volumes are stored whole (one row per case), chunked and gzip-compressed: for openkbp
 and prostate one chunk is one axial slice of one case, so a 2D reader decompresses only the slice
-it reads; for ham10000 and stoic one chunk is one case. Spatial sizes are multiples of 32.
+it reads; for ham10000 and stoic one chunk is one case. Spatial sizes are multiples of 32. Axis 0
+of every stored volume (after the case axis, and the ROI axis of `structures`) is z.
 
 Splits: openkbp and prostate keep the challenge folders (train-pats -> train, validation-pats ->
 val, test-pats -> test); ham10000 (by lesion_id) and stoic (by patient) are split 70/10/20 with
@@ -62,9 +66,11 @@ a seeded permutation (--seed). Synthetic files split their cases 70/10/20 as wel
 
 Items (open_dataset): "image" float32 (C, *spatial), normalised: CT = clip(HU, -1000, 1500) / 1000,
 so air is -1 and dense bone 1.5; RGB = (x / 255 - ImageNet mean) / ImageNet std. Pixel tasks are
-float32 (n_out, *spatial) (dose in Gy, masks 0/1), image tasks int64 scalars; openkbp and prostate
-add "possible_dose_mask" float32 (1, *spatial); every item has "case" (row), "slice" (axial index,
--1 for whole cases) and "id". `dataset.case(i)` gives case i whole, in the stored raw units.
+(n_out, *spatial): dose float32 in Gy, masks bool (a quarter of the bytes of float through the
+DataLoader; call .float() on the device, as train.py does); image tasks are int64 scalars;
+openkbp and prostate add "possible_dose_mask" bool (1, *spatial); every item has "case" (row),
+"slice" (axial index, -1 for whole cases) and "id". `dataset.case(i)` gives case i whole, in the
+stored raw units.
 
 Bringing your own prostate data (the paper's is private): write it in the OpenKBP layout,
 RAW_DIR/{train-pats,validation-pats,test-pats}/<patient>/ with ct.csv (HU + 1024), dose.csv (Gy),
@@ -95,7 +101,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 OPENKBP_ROIS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
@@ -282,7 +288,7 @@ def _create_split(f, split, n, name, spatial, n_rois=0):
         if len(tail) < 2:
             g.create_dataset(key, shape=(n,) + tail, dtype=dtype)
             continue
-        chunks = (1,) + tail[:-1] + (1,) if name in PLANNING else (1,) + tail
+        chunks = (1,) + tail[:-3] + (1,) + tail[-2:] if name in PLANNING else (1,) + tail  # one axial slice
         g.create_dataset(key, shape=(n,) + tail, maxshape=(None,) + tail, dtype=dtype, chunks=chunks,
                          compression="gzip", compression_opts=4, shuffle=dtype.itemsize > 1)
     return g
@@ -376,8 +382,15 @@ def read_sparse_csv(path, shape, values=True) -> np.ndarray:
     return dense.reshape(shape)
 
 
+def axial_first(volume: np.ndarray) -> np.ndarray:
+    """(..., D, H, W) with W the axial axis z, as the OpenKBP CSVs index it -> (..., Z, D, H),
+    the stored order of the planning datasets."""
+    return np.moveaxis(volume, -1, -3)
+
+
 def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> dict:
-    """One OpenKBP-layout patient folder as the arrays of one case of the layout."""
+    """One OpenKBP-layout patient folder (volumes of `shape` = (D, H, W), W = z) as the arrays
+    of one case of the layout (z first)."""
     folder = Path(folder)
     raw_ct = read_sparse_csv(folder / "ct.csv", shape)
     if (raw_ct != np.round(raw_ct)).any() or raw_ct.max(initial=0) > 32767 + 1024 or raw_ct.min(initial=0) < 0:
@@ -393,11 +406,11 @@ def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> di
     for r, roi in enumerate(rois):
         if (folder / f"{roi}.csv").is_file():
             structures[r] = read_sparse_csv(folder / f"{roi}.csv", shape, values=False)
-    return {"image": (raw_ct - 1024).astype(np.int16),
-            "dose": read_sparse_csv(folder / "dose.csv", shape).astype(np.float32),
-            "structures": structures,
-            "possible_dose_mask": read_sparse_csv(folder / "possible_dose_mask.csv", shape, values=False),
-            "voxel_dimensions": voxel, "id": folder.name}
+    return {"image": axial_first((raw_ct - 1024).astype(np.int16)),
+            "dose": axial_first(read_sparse_csv(folder / "dose.csv", shape).astype(np.float32)),
+            "structures": axial_first(structures),
+            "possible_dose_mask": axial_first(read_sparse_csv(folder / "possible_dose_mask.csv", shape, values=False)),
+            "voxel_dimensions": voxel[[2, 0, 1]], "id": folder.name}  # mm per (Z, D, H)
 
 
 def _openkbp_patients(raw_dir: Path, rois) -> tuple[dict, set]:
@@ -434,7 +447,7 @@ def convert_openkbp(raw_dir, out, name="openkbp", rois=None, shape=128, log=None
     with _atomic_h5(out) as f:
         _write_attrs(f, name, rois, synthetic=False, source=raw_dir.resolve())
         for split, folders in patients.items():
-            g = _create_split(f, split, len(folders), name, shape, len(rois))
+            g = _create_split(f, split, len(folders), name, axial_first(np.empty(shape, bool)).shape, len(rois))
             for i, folder in enumerate(folders):
                 _write_case(g, i, read_openkbp_patient(folder, shape, rois))
                 progress.step()
@@ -618,10 +631,10 @@ def _distance(grid, centre):
 
 
 def _synth_plan_case(rng, name, size):
-    """One synthetic planning CT, axes (D, H, W) with W the axial axis z. Organs are ellipsoids
-    with distinct HU; each PTV is a sphere visible as an enhancing blob; the dose is the
-    prescription inside each PTV, falls off with distance from it, is lowered in spared OARs
-    and is zero outside the body (= possible dose mask)."""
+    """One synthetic planning CT, built on axes (D, H, W) with W = z like the raw CSVs and returned
+    z first like a converted case. Organs are ellipsoids with distinct HU; each PTV is a sphere
+    visible as an enhancing blob; the dose is the prescription inside each PTV, falls off with
+    distance from it, is lowered in spared OARs and is zero outside the body (= possible dose mask)."""
     g = _grid(size)
     inf = np.inf
 
@@ -677,8 +690,9 @@ def _synth_plan_case(rng, name, size):
         dose[structures[rois.index(roi)] & ~in_target] *= 0.75
     hu[body] += rng.normal(0, 15, int(body.sum())).astype(np.float32)
     voxel = np.array([3.906, 3.906, 2.5]) * 128 / size
-    return {"image": np.rint(hu).astype(np.int16), "dose": (dose * body).astype(np.float32),
-            "structures": structures, "possible_dose_mask": body, "voxel_dimensions": voxel}
+    return {"image": axial_first(np.rint(hu).astype(np.int16)), "dose": axial_first((dose * body).astype(np.float32)),
+            "structures": axial_first(structures), "possible_dose_mask": axial_first(body),
+            "voxel_dimensions": voxel[[2, 0, 1]]}
 
 
 # Lesion look per class: mean RGB, radius range (fraction of half the image), border irregularity.
@@ -814,6 +828,13 @@ def check_layout(f: h5py.File, path) -> dict:
     for attr in ("tasks", "dims", "synthetic"):
         if attr not in f.attrs:
             raise DataError(f"{path}: file attribute {attr!r} is missing: {fix}")
+    version = int(f.attrs.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise DataError(f"{path}: written by a newer data.py (format {version}; this one reads {FORMAT_VERSION}): "
+                        "update data.py, or rebuild the file with this one")
+    if version < 2 and name in PLANNING:
+        raise DataError(f"{path}: format {version} stores {name} volumes z last; this data.py reads them z first "
+                        f"(format {FORMAT_VERSION}): {_make_hint(name, 'rebuild', out=path)}")
     try:
         rois = json.loads(f.attrs["roi_names"]) if name in PLANNING and "roi_names" in f.attrs else []
         tasks = {t: (kind, int(n)) for t, (kind, n) in json.loads(f.attrs["tasks"]).items()}
@@ -893,8 +914,8 @@ class H5Dataset(torch.utils.data.Dataset):
         self.in_channels = in_channels(self.dataset)
         self.num_cases = meta["counts"][split]
         self.slices = self.dims == 2 and len(meta["spatial"]) == 3
-        self.spatial = meta["spatial"][:2] if self.slices else meta["spatial"]  # of one item
-        self._per_case = meta["spatial"][2] if self.slices else 1
+        self.spatial = meta["spatial"][1:] if self.slices else meta["spatial"]  # of one item
+        self._per_case = meta["spatial"][0] if self.slices else 1
         self._h5, self._pid = None, None
 
     def __getstate__(self):
@@ -925,16 +946,16 @@ class H5Dataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         case, k = divmod(index, self._per_case) if self.slices else (index, -1)
         g = self._group()
-        at = (case, Ellipsis, k) if self.slices else (case,)
+        at = (case, Ellipsis, k, slice(None), slice(None)) if self.slices else (case,)  # z = third-last axis
         item = {"image": _normalise(self._finite(g["image"][at], "image", case), self.modality)}
         for task, (kind, _) in self.tasks.items():
             if kind == "image":
                 item[task] = torch.tensor(int(g[task][case]), dtype=torch.int64)
             else:
-                target = torch.from_numpy(self._finite(g[task][at], task, case).astype(np.float32))
+                target = torch.from_numpy(self._finite(g[task][at], task, case))  # float32 Gy or bool mask
                 item[task] = target if target.ndim > len(self.spatial) else target[None]
         if self.dataset in PLANNING:
-            item["possible_dose_mask"] = torch.from_numpy(g["possible_dose_mask"][at].astype(np.float32))[None]
+            item["possible_dose_mask"] = torch.from_numpy(g["possible_dose_mask"][at])[None]
         if self.augment:
             item = self._augmented(item)
         item.update(case=case, slice=k, id=g["id"].asstr()[case])

@@ -296,11 +296,12 @@ def test_synth_items_follow_the_spec(synth_files, name, dims):
         assert torch.isfinite(item["image"]).all()
         for task, (kind, n_out) in ds.tasks.items():
             if kind == "pixel":
-                assert item[task].dtype == torch.float32 and item[task].shape == (n_out,) + spatial
+                want = torch.float32 if task == "dose" else torch.bool  # masks travel as bool
+                assert item[task].dtype == want and item[task].shape == (n_out,) + spatial
             else:
                 assert item[task].dtype == torch.int64 and item[task].shape == () and 0 <= item[task] < n_out
         if name in data.PLANNING:
-            assert item["possible_dose_mask"].shape == (1,) + spatial
+            assert item["possible_dose_mask"].shape == (1,) + spatial and item["possible_dose_mask"].dtype == torch.bool
             assert item["image"].min() >= -1.0 and item["image"].max() <= 1.5  # HU clipped and scaled
         assert item["case"] == ds.case_of(len(ds) - 1) == ds.num_cases - 1
         assert item["slice"] == (size - 1 if name in data.PLANNING and dims == 2 else -1)
@@ -311,7 +312,7 @@ def test_synth_items_follow_the_spec(synth_files, name, dims):
             assert raw["structures"].dtype == bool and raw["structures"].shape == (len(ds.roi_names),) + (size,) * 3
             assert raw["possible_dose_mask"].dtype == bool and raw["voxel_dimensions"].shape == (3,)
             if dims == 2:
-                np.testing.assert_array_equal(item["dose"][0].numpy(), raw["dose"][..., size - 1])
+                np.testing.assert_array_equal(item["dose"][0].numpy(), raw["dose"][size - 1])  # z first
         elif name == "ham10000":
             assert raw["segmentation"].dtype == bool and isinstance(raw["diagnosis"], int)
         else:
@@ -397,13 +398,13 @@ def check_converted(out, cases, name, rois):
         expected = [pid for pid, c in cases.items() if c["split"] == split]
         assert [ds.case(i)["id"] for i in range(ds.num_cases)] == expected
         for i, pid in enumerate(expected):
-            got, want = ds.case(i), cases[pid]
-            np.testing.assert_array_equal(got["image"], want["image"])
+            got, want = ds.case(i), cases[pid]  # stored (Z, D, H) vs raw (D, H, W = z)
+            np.testing.assert_array_equal(got["image"].transpose(1, 2, 0), want["image"])
             assert got["image"].dtype == np.int16
-            np.testing.assert_array_equal(got["dose"], want["dose"])
-            np.testing.assert_array_equal(got["structures"], want["structures"])
-            np.testing.assert_array_equal(got["possible_dose_mask"], want["possible_dose_mask"])
-            np.testing.assert_array_equal(got["voxel_dimensions"], want["voxel_dimensions"])
+            np.testing.assert_array_equal(got["dose"].transpose(1, 2, 0), want["dose"])
+            np.testing.assert_array_equal(got["structures"].transpose(0, 2, 3, 1), want["structures"])
+            np.testing.assert_array_equal(got["possible_dose_mask"].transpose(1, 2, 0), want["possible_dose_mask"])
+            np.testing.assert_array_equal(got["voxel_dimensions"], want["voxel_dimensions"][[2, 0, 1]])
 
 
 def test_openkbp_round_trip_exact(tmp_path):
@@ -415,6 +416,9 @@ def test_openkbp_round_trip_exact(tmp_path):
     assert "4/4" in log.getvalue() and "ETA" in log.getvalue()
     item = data.open_dataset(out, "train", dims=2)[5]
     assert item["image"].shape == (1, 32, 64) and item["structures"].shape == (10, 32, 64) and item["slice"] == 5
+    first = cases[item["id"]]  # a 2D item is one axial slice: the raw volume at z = W index 5
+    np.testing.assert_array_equal(item["dose"][0].numpy(), first["dose"][..., 5])
+    np.testing.assert_array_equal(item["structures"].numpy(), first["structures"][..., 5])
 
 
 def test_prostate_round_trip_with_own_rois(tmp_path):
@@ -454,16 +458,18 @@ def test_real_openkbp_matches_the_csv_files(tmp_path):
         got, folder = ds.case(0), REAL_OPENKBP / sub / pid
         assert got["id"] == pid and got["image"].shape == (128, 128, 128)
         ct = _read_csv_independently(folder / "ct.csv", size)
-        np.testing.assert_array_equal(got["image"].ravel().astype(np.float64) + 1024, ct)
-        np.testing.assert_array_equal(got["dose"].ravel(), _read_csv_independently(folder / "dose.csv", size).astype(np.float32))
-        np.testing.assert_array_equal(got["possible_dose_mask"].ravel(),
+        raw_order = lambda v: np.moveaxis(v, -3, -1).ravel()  # stored (Z, D, H) -> the CSVs' C order of (D, H, W)
+        np.testing.assert_array_equal(raw_order(got["image"]).astype(np.float64) + 1024, ct)
+        np.testing.assert_array_equal(raw_order(got["dose"]), _read_csv_independently(folder / "dose.csv", size).astype(np.float32))
+        np.testing.assert_array_equal(raw_order(got["possible_dose_mask"]),
                                       _read_csv_independently(folder / "possible_dose_mask.csv", size, values=False))
         with open(folder / "voxel_dimensions.csv") as fh:
-            assert list(got["voxel_dimensions"]) == [float(line) for line in fh if line.strip()]
+            vox = [float(line) for line in fh if line.strip()]
+            assert list(got["voxel_dimensions"]) == vox[2:] + vox[:2]
         for r, roi in enumerate(data.OPENKBP_ROIS):
             want = (_read_csv_independently(folder / f"{roi}.csv", size, values=False)
                     if (folder / f"{roi}.csv").exists() else np.zeros(size, bool))
-            np.testing.assert_array_equal(got["structures"][r].ravel(), want, err_msg=roi)
+            np.testing.assert_array_equal(raw_order(got["structures"][r]), want, err_msg=roi)
     assert len(list((REAL_OPENKBP / "train-pats").iterdir())) == 12
 
 
@@ -630,6 +636,24 @@ def test_missing_group_or_key(synth_files, tmp_path):
         del f.attrs["dataset"]
     with pytest.raises(data.DataError, match="no 'dataset' attribute"):
         data.open_dataset(path, "test", dims=3)
+
+
+def test_format_versions(synth_files, tmp_path):
+    """Format 1 stored planning volumes z last: such a file (same shapes when cubic) must be refused,
+    not read with its axes mixed up; ham10000 and stoic did not change, so theirs still read."""
+    path = _copy(synth_files["openkbp"], tmp_path / "v1.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 1
+    with pytest.raises(data.DataError, match=f"format 1 stores openkbp volumes z last.*--out {path}"):
+        data.open_dataset(path, "train")
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = data.FORMAT_VERSION + 1
+    with pytest.raises(data.DataError, match="newer data.py"):
+        data.open_dataset(path, "train")
+    path = _copy(synth_files["ham10000"], tmp_path / "ham_v1.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 1
+    assert len(data.open_dataset(path, "train")) > 0
 
 
 def test_wrong_shape_or_dtype(synth_files, tmp_path):
@@ -1330,7 +1354,7 @@ class _NoMasks(torch.utils.data.Dataset):
             del item["structures"]
         else:
             s = item["structures"]
-            item["structures"] = torch.full_like(s, float("nan")) if self.how == "nan" else (torch.rand_like(s) > .5).float()
+            item["structures"] = torch.full(s.shape, float("nan")) if self.how == "nan" else torch.rand(s.shape) > .5
         return item
 
     def __getattr__(self, name):

@@ -505,10 +505,13 @@ def set_rng_states(states):
 # Loops
 # ----------------------------------------------------------------------------------------------
 def to_device(batch, device, channels_last=False):
+    """A batch on the device; bool masks become 0/1 floats there (they travel 4x smaller)."""
     out = {}
     for k, v in batch.items():
         if torch.is_tensor(v):
             v = v.to(device, non_blocking=True)
+            if v.dtype == torch.bool:
+                v = v.float()
             if channels_last and v.dim() == 4 and v.is_floating_point():
                 v = v.contiguous(memory_format=torch.channels_last)
         out[k] = v
@@ -616,7 +619,7 @@ def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
 
 def _evaluate_rt(run, ds, sub, preview_dir, n_preview):
     """Dose and structures scored per patient on whole volumes; 2D predictions are put back
-    together from their axial slices (slice axis = last axis). Predicted dose is multiplied by the
+    together from their axial slices (z, the third-last axis). Predicted dose is multiplied by the
     possible-dose mask before scoring, as the official OpenKBP pipeline does. A dose-only model
     (--arch guidance) predicts no structures: then no Dice is reported."""
     rois = list(ds.roi_names) or list(OPENKBP_ROIS)
@@ -627,10 +630,10 @@ def _evaluate_rt(run, ds, sub, preview_dir, n_preview):
             if c not in pending:
                 raw = ds.case(c)
                 shape = raw["dose"].shape
-                pending[c] = {"raw": raw, "seen": 0, "n": shape[-1] if s >= 0 else 1,
+                pending[c] = {"raw": raw, "seen": 0, "n": shape[-3] if s >= 0 else 1,
                               "dose": np.zeros(shape, np.float32), "structures": np.zeros((len(rois),) + shape, bool)}
             p = pending[c]
-            where = (Ellipsis, s) if s >= 0 else (Ellipsis,)
+            where = (Ellipsis, s, slice(None), slice(None)) if s >= 0 else (Ellipsis,)
             p["dose"][where] = out["dose"][j, 0] * DOSE_SCALE_GY
             if "structures" in out:
                 p["structures"][where] = out["structures"][j] > 0
@@ -752,11 +755,11 @@ def save_panels(path, panels, labels):
 
 def save_rt_preview(path, raw, pred_dose, pred_structures):
     """Axial slice with the most reference dose: CT | dose truth | dose prediction | ROIs truth | ROIs prediction."""
-    z = int(np.argmax(raw["dose"].reshape(-1, raw["dose"].shape[-1]).sum(0)))
-    ct = grey(raw["image"][..., z])
+    z = int(np.argmax(raw["dose"].sum((1, 2))))  # stored volumes are (Z, D, H)
+    ct = grey(raw["image"][z])
     vmax = max(float(raw["dose"].max()), 1e-6)
-    panels = [ct, colour_map(raw["dose"][..., z] / vmax), colour_map(pred_dose[..., z] / vmax),
-              overlay(ct, np.asarray(raw["structures"])[..., z]), overlay(ct, pred_structures[..., z])]
+    panels = [ct, colour_map(raw["dose"][z] / vmax), colour_map(pred_dose[z] / vmax),
+              overlay(ct, np.asarray(raw["structures"])[:, z]), overlay(ct, pred_structures[:, z])]
     save_panels(path, panels, ["CT", "dose", "pred", "ROIs", "pred"])
 
 
@@ -1373,13 +1376,13 @@ def random_batch(cfg, tasks, in_channels):
     """A batch of random tensors shaped like the real data (DEFAULTS[...]["size"]): the model's
     speed without any input pipeline."""
     size, b = tuple(DEFAULTS[cfg["dataset"]]["size"][-cfg["dims"]:]), cfg["batch_size"]
-    batch = {"image": torch.randn(b, in_channels, *size), "possible_dose_mask": torch.ones(b, 1, *size)}
+    batch = {"image": torch.randn(b, in_channels, *size), "possible_dose_mask": torch.ones(b, 1, *size, dtype=torch.bool)}
     for t, (kind, n) in tasks.items():
         if kind == "image":
             batch[t] = torch.randint(0, n, (b,))
         else:
             batch[t] = (70 * torch.rand(b, n, *size) if cfg["losses"][t] == "dose_l1"
-                        else (torch.rand(b, n, *size) < 0.1).float())
+                        else torch.rand(b, n, *size) < 0.1)
     return batch
 
 
