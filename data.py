@@ -905,6 +905,7 @@ class H5Dataset(torch.utils.data.Dataset):
             raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
         with _open_h5(self.path) as f:
             meta = check_layout(f, self.path)
+            self.ids = list(f[split]["id"].asstr()[:])  # case i's id (read once: items carry it)
         self.dataset, self.tasks, self.synthetic = meta["name"], meta["tasks"], meta["synthetic"]
         spec = SPECS[self.dataset]
         if self.dims not in spec.model_dims:
@@ -958,7 +959,7 @@ class H5Dataset(torch.utils.data.Dataset):
             item["possible_dose_mask"] = torch.from_numpy(g["possible_dose_mask"][at])[None]
         if self.augment:
             item = self._augmented(item)
-        item.update(case=case, slice=k, id=g["id"].asstr()[case])
+        item.update(case=case, slice=k, id=self.ids[case])
         return item
 
     def _augmented(self, item):
