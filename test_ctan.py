@@ -389,6 +389,11 @@ def make_openkbp_raw(root, rois, shape, counts=(2, 1, 1), seed=0):
     return cases
 
 
+def raw_order(volume):
+    """Stored (..., Z, D, H) -> the raw CSVs' (..., D, H, W) with W = z (inverse of data.axial_first)."""
+    return np.moveaxis(volume, -3, -1)
+
+
 def check_converted(out, cases, name, rois):
     with h5py.File(out) as f:
         assert f.attrs["dataset"] == name and bool(f.attrs["synthetic"]) is False
@@ -398,12 +403,12 @@ def check_converted(out, cases, name, rois):
         expected = [pid for pid, c in cases.items() if c["split"] == split]
         assert [ds.case(i)["id"] for i in range(ds.num_cases)] == expected
         for i, pid in enumerate(expected):
-            got, want = ds.case(i), cases[pid]  # stored (Z, D, H) vs raw (D, H, W = z)
-            np.testing.assert_array_equal(got["image"].transpose(1, 2, 0), want["image"])
+            got, want = ds.case(i), cases[pid]
+            np.testing.assert_array_equal(raw_order(got["image"]), want["image"])
             assert got["image"].dtype == np.int16
-            np.testing.assert_array_equal(got["dose"].transpose(1, 2, 0), want["dose"])
-            np.testing.assert_array_equal(got["structures"].transpose(0, 2, 3, 1), want["structures"])
-            np.testing.assert_array_equal(got["possible_dose_mask"].transpose(1, 2, 0), want["possible_dose_mask"])
+            np.testing.assert_array_equal(raw_order(got["dose"]), want["dose"])
+            np.testing.assert_array_equal(raw_order(got["structures"]), want["structures"])
+            np.testing.assert_array_equal(raw_order(got["possible_dose_mask"]), want["possible_dose_mask"])
             np.testing.assert_array_equal(got["voxel_dimensions"], want["voxel_dimensions"][[2, 0, 1]])
 
 
@@ -458,10 +463,10 @@ def test_real_openkbp_matches_the_csv_files(tmp_path):
         got, folder = ds.case(0), REAL_OPENKBP / sub / pid
         assert got["id"] == pid and got["image"].shape == (128, 128, 128)
         ct = _read_csv_independently(folder / "ct.csv", size)
-        raw_order = lambda v: np.moveaxis(v, -3, -1).ravel()  # stored (Z, D, H) -> the CSVs' C order of (D, H, W)
-        np.testing.assert_array_equal(raw_order(got["image"]).astype(np.float64) + 1024, ct)
-        np.testing.assert_array_equal(raw_order(got["dose"]), _read_csv_independently(folder / "dose.csv", size).astype(np.float32))
-        np.testing.assert_array_equal(raw_order(got["possible_dose_mask"]),
+        flat = lambda v: raw_order(v).ravel()  # the CSVs' flat index is C order over (D, H, W)
+        np.testing.assert_array_equal(flat(got["image"]).astype(np.float64) + 1024, ct)
+        np.testing.assert_array_equal(flat(got["dose"]), _read_csv_independently(folder / "dose.csv", size).astype(np.float32))
+        np.testing.assert_array_equal(flat(got["possible_dose_mask"]),
                                       _read_csv_independently(folder / "possible_dose_mask.csv", size, values=False))
         with open(folder / "voxel_dimensions.csv") as fh:
             vox = [float(line) for line in fh if line.strip()]
@@ -469,7 +474,7 @@ def test_real_openkbp_matches_the_csv_files(tmp_path):
         for r, roi in enumerate(data.OPENKBP_ROIS):
             want = (_read_csv_independently(folder / f"{roi}.csv", size, values=False)
                     if (folder / f"{roi}.csv").exists() else np.zeros(size, bool))
-            np.testing.assert_array_equal(raw_order(got["structures"][r]), want, err_msg=roi)
+            np.testing.assert_array_equal(flat(got["structures"][r]), want, err_msg=roi)
     assert len(list((REAL_OPENKBP / "train-pats").iterdir())) == 12
 
 
