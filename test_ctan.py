@@ -413,7 +413,7 @@ def check_converted(out, cases, name, rois):
 
 
 def test_openkbp_round_trip_exact(tmp_path):
-    shape = (32, 64, 32)  # not a cube, so a transposed reshape would fail
+    shape = (32, 64, 96)  # three different sides, so any mixed-up axis fails
     cases = make_openkbp_raw(tmp_path / "raw", data.OPENKBP_ROIS, shape)
     log = io.StringIO()
     out = data.convert_openkbp(tmp_path / "raw", tmp_path / "o.h5", shape=shape, log=log)
