@@ -1206,6 +1206,7 @@ def test_bench_prints_one_json_line(synthetic, tmp_path, capsys):
     assert result["input"] == [2, 3, 192, 256]  # the real HAM10000 size, random tensors
     assert result["params"] > 0 and result["samples_per_s"] > 0 and result["dtype"] == "fp32"
     assert result["hdf5"]["input"] == [2, 3, 32, 32] and 0 <= result["hdf5"]["data_wait_fraction"] <= 1
+    assert result["hdf5"]["loader_samples_per_s"] > 0
     assert not (tmp_path / "bench").exists()  # a benchmark writes no run
 
 

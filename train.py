@@ -1414,7 +1414,8 @@ def forever(loader):
 def bench(cfg, log=print):
     """Time cfg['steps'] training steps (after a warm-up) on random tensors of the real input size,
     then, if the --data file exists, on its training split through the DataLoader with the default
-    workers. Prints one JSON line. A measurement, not a test: nothing here asserts a time."""
+    workers, then that loader alone (no training). Prints one JSON line. A measurement, not a
+    test: nothing here asserts a time."""
     name, path = cfg["dataset"], Path(cfg["data"])
     ds = open_split(cfg, "train") if path.exists() else None
     tasks = ds.tasks if ds else data.task_spec(name, len(data.SPECS[name].rois))
@@ -1443,10 +1444,18 @@ def bench(cfg, log=print):
                                              num_workers=cfg["workers"], pin_memory=run.device.type == "cuda",
                                              persistent_workers=cfg["workers"] > 0)
         log(f"bench: {cfg['arch']} on {path} through the DataLoader ({cfg['workers']} workers)")
-        sec, wait = time_steps(run, forever(loader), steps, warmup)
+        batches = forever(loader)
+        sec, wait = time_steps(run, batches, steps, warmup)
+        for _ in range(2 * cfg["workers"]):  # empty the prefetch queue (2 batches per worker) ...
+            next(batches)
+        t = time.perf_counter()  # ... then time the loader alone: the step rate it could feed
+        for _ in range(steps):
+            next(batches)
+        supply = (time.perf_counter() - t) / steps
         result["hdf5"] = {"file": str(path), "input": [cfg["batch_size"], in_channels, *ds.spatial],
                           "workers": cfg["workers"], "samples_per_s": round(cfg["batch_size"] / sec, 2),
-                          "ms_per_step": round(1000 * sec, 1), "data_wait_fraction": round(wait, 4)}
+                          "ms_per_step": round(1000 * sec, 1), "data_wait_fraction": round(wait, 4),
+                          "loader_samples_per_s": round(cfg["batch_size"] / supply, 2)}
     print(json.dumps(result), flush=True)
     return result
 
