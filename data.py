@@ -388,6 +388,11 @@ def axial_first(volume: np.ndarray) -> np.ndarray:
     return np.moveaxis(volume, -1, -3)
 
 
+def axial_slice(k: int) -> tuple:
+    """Index of axial slice k in a stored planning array (..., Z, D, H) or a prediction of it."""
+    return (Ellipsis, k, slice(None), slice(None))
+
+
 def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> dict:
     """One OpenKBP-layout patient folder (volumes of `shape` = (D, H, W), W = z) as the arrays
     of one case of the layout (z first)."""
@@ -447,7 +452,8 @@ def convert_openkbp(raw_dir, out, name="openkbp", rois=None, shape=128, log=None
     with _atomic_h5(out) as f:
         _write_attrs(f, name, rois, synthetic=False, source=raw_dir.resolve())
         for split, folders in patients.items():
-            g = _create_split(f, split, len(folders), name, axial_first(np.empty(shape, bool)).shape, len(rois))
+            stored = axial_first(np.empty(shape, bool)).shape  # (Z, D, H)
+            g = _create_split(f, split, len(folders), name, stored, len(rois))
             for i, folder in enumerate(folders):
                 _write_case(g, i, read_openkbp_patient(folder, shape, rois))
                 progress.step()
@@ -947,7 +953,7 @@ class H5Dataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         case, k = divmod(index, self._per_case) if self.slices else (index, -1)
         g = self._group()
-        at = (case, Ellipsis, k, slice(None), slice(None)) if self.slices else (case,)  # z = third-last axis
+        at = (case,) + axial_slice(k) if self.slices else (case,)
         item = {"image": _normalise(self._finite(g["image"][at], "image", case), self.modality)}
         for task, (kind, _) in self.tasks.items():
             if kind == "image":

@@ -633,7 +633,7 @@ def _evaluate_rt(run, ds, sub, preview_dir, n_preview):
                 pending[c] = {"raw": raw, "seen": 0, "n": shape[-3] if s >= 0 else 1,
                               "dose": np.zeros(shape, np.float32), "structures": np.zeros((len(rois),) + shape, bool)}
             p = pending[c]
-            where = (Ellipsis, s, slice(None), slice(None)) if s >= 0 else (Ellipsis,)
+            where = data.axial_slice(s) if s >= 0 else (Ellipsis,)
             p["dose"][where] = out["dose"][j, 0] * DOSE_SCALE_GY
             if "structures" in out:
                 p["structures"][where] = out["structures"][j] > 0
@@ -755,11 +755,11 @@ def save_panels(path, panels, labels):
 
 def save_rt_preview(path, raw, pred_dose, pred_structures):
     """Axial slice with the most reference dose: CT | dose truth | dose prediction | ROIs truth | ROIs prediction."""
-    z = int(np.argmax(raw["dose"].sum((1, 2))))  # stored volumes are (Z, D, H)
+    z = data.axial_slice(int(np.argmax(raw["dose"].sum((-2, -1)))))
     ct = grey(raw["image"][z])
     vmax = max(float(raw["dose"].max()), 1e-6)
     panels = [ct, colour_map(raw["dose"][z] / vmax), colour_map(pred_dose[z] / vmax),
-              overlay(ct, np.asarray(raw["structures"])[:, z]), overlay(ct, pred_structures[:, z])]
+              overlay(ct, np.asarray(raw["structures"])[z]), overlay(ct, pred_structures[z])]
     save_panels(path, panels, ["CT", "dose", "pred", "ROIs", "pred"])
 
 
