@@ -1446,7 +1446,7 @@ def bench(cfg, log=print):
         log(f"bench: {cfg['arch']} on {path} through the DataLoader ({cfg['workers']} workers)")
         batches = forever(loader)
         sec, wait = time_steps(run, batches, steps, warmup)
-        for _ in range(2 * cfg["workers"]):  # empty the prefetch queue (2 batches per worker) ...
+        for _ in range((loader.prefetch_factor or 0) * cfg["workers"]):  # empty the prefetch queue ...
             next(batches)
         t = time.perf_counter()  # ... then time the loader alone: the step rate it could feed
         for _ in range(steps):
