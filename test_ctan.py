@@ -4,12 +4,14 @@ The real-data tests read ../shared/data/openkbp (20 OpenKBP patients) and are sk
 import csv
 import io
 import json
+import os
 import pickle
 import shutil
 import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -854,31 +856,47 @@ def test_balanced_accuracy_by_hand():
     assert train.balanced_accuracy([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 0, 2]) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
 
 
-def test_roc_auc_ties_count_half():
+def test_roc_auc_ties_count_half_and_matches_all_pairs():
     # pairs (pos, neg): 0.5>0.1 1, 0.5=0.5 1/2, 0.9>0.1 1, 0.9>0.5 1 -> 3.5 / 4
     assert train.roc_auc([0, 0, 1, 1], [0.1, 0.5, 0.5, 0.9]) == pytest.approx(0.875)
     assert train.roc_auc([1, 1, 0, 0], [0.3, 0.3, 0.3, 0.3]) == pytest.approx(0.5)
     assert train.roc_auc([0, 1, 0, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(1.0)
-    assert np.isnan(train.roc_auc([1, 1], [0.2, 0.3]))
+    rng = np.random.default_rng(0)
+    y, score = rng.integers(0, 2, 300), rng.integers(0, 20, 300) / 20  # many ties
+    assert train.roc_auc(y, score) == pytest.approx(_auc(score, y))
+
+
+def test_roc_auc_refuses_nan_and_warns_on_one_class():
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            train.roc_auc([0, 1, 1], [0.1, bad, 0.3])
+        with pytest.raises(ValueError, match="NaN or inf"):
+            train.roc_auc_macro([0, 1], np.array([[0.5, 0.5], [bad, 0.2]]))
+    with pytest.warns(UserWarning, match="one class only"):
+        assert np.isnan(train.roc_auc([1, 1], [0.2, 0.3]))
 
 
 def test_roc_auc_macro_by_hand():
     y = [0, 1, 2, 2]
     prob = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.5, 0.1, 0.4]])
-    # class 0: pos 0.8 vs neg 0.3, 0.1, 0.5 -> 1; class 1: pos 0.6 vs neg 0.1, 0.2, 0.1 -> 1;
-    # class 2: pos 0.7, 0.4 vs neg 0.1, 0.1 -> 1
     assert train.roc_auc_macro(y, prob) == pytest.approx(1.0)
-    prob[1, 2] = 0.5  # class 2: pos 0.7, 0.4 vs neg 0.1, 0.5 -> (1 + 1 + 1 + 0) / 4 pairs
+    prob[1, 2] = 0.5  # class 2: pos 0.7, 0.4 vs neg 0.1, 0.5 -> 3 of 4 pairs
     assert train.roc_auc_macro(y, prob) == pytest.approx((1 + 1 + 0.75) / 3)
+    assert train.roc_auc_macro([0, 0, 2, 2], prob) == pytest.approx(0.75)  # absent class 1 left out
 
 
-def test_delta_mtl_sign_by_direction():
-    stl = {"dose_score": 2.5, "dice": 0.75, "dice_Brainstem": 0.1}
-    mtl = {"dose_score": 2.0, "dice": 0.8, "dice_Brainstem": 0.9}
-    # dose lower is better: -(2.0 - 2.5) / 2.5 = +0.2; dice: (0.8 - 0.75) / 0.75 = +1/15; per-ROI keys ignored
-    assert train.delta_mtl(mtl, stl) == pytest.approx(100 * (0.2 + 1 / 15) / 2)
-    assert train.delta_mtl(stl, stl) == 0.0
-    assert train.delta_mtl({"auc_severe": 0.6}, {"auc_severe": 0.8}) == pytest.approx(-25.0)
+def test_delta_mtl_averages_within_each_task_first():
+    stl = {"dose_score": 2.5, "dvh_score": 2.0, "dice": 0.75, "dice_Brainstem": 0.1}
+    mtl = {"dose_score": 2.0, "dvh_score": 2.0, "dice": 0.8, "dice_Brainstem": 0.9}
+    # dose task: mean(+0.2 (lower is better), 0) = 0.1; structures: (0.8 - 0.75) / 0.75; per-ROI keys ignored
+    overall, per_task = train.delta_mtl(mtl, stl, {"dose": 0, "structures": 0})
+    assert per_task == pytest.approx({"dose": 10.0, "structures": 100 / 15})
+    assert overall == pytest.approx((10.0 + 100 / 15) / 2)  # a flat mean over 3 metrics would differ
+    assert train.delta_mtl(stl, stl, ["dose", "structures"])[0] == 0.0
+    assert train.delta_mtl({"auc_severe": 0.6}, {"auc_severe": 0.8}, ["severe"])[0] == pytest.approx(-25.0)
+    overall, per_task = train.delta_mtl({"auc_severe": np.nan, "auc_covid": 0.9}, {"auc_severe": 0.8, "auc_covid": 0.6},
+                                        ["covid", "severe"])
+    assert per_task == {"covid": pytest.approx(50.0)} and overall == pytest.approx(50.0)
 
 
 def test_openkbp_scores_by_hand():
@@ -893,8 +911,7 @@ def test_openkbp_scores_by_hand():
     ptv = np.zeros((3, 4), bool)
     ptv[1] = True
     ptv[2, 0] = True
-    absent = np.zeros((3, 4), bool)
-    structures = np.stack([oar, absent, ptv])
+    structures = np.stack([oar, np.zeros((3, 4), bool), ptv])
     rois = ["Brainstem", "Larynx", "PTV70"]
     vox = np.array([10.0, 10.0, 10.0])
     dvh = train.openkbp_dvh(ref, structures, vox, rois)
@@ -909,8 +926,7 @@ def test_openkbp_scores_by_hand():
     dose, dvh_score = train.openkbp_scores([pred], [ref], [mask], [structures], [vox], roi_names=rois)
     assert dose == pytest.approx(ref.sum() / 12)
     assert dvh_score == pytest.approx((3.25 + 2.5 + 10.4 + 12 + 49.6) / 5)
-    # a second patient with a smaller possible-dose mask and pred == ref: dose score is the mean per patient
-    mask2 = np.zeros((3, 4), bool)
+    mask2 = np.zeros((3, 4), bool)  # a second patient, smaller mask, perfect: the dose score is a mean per patient
     mask2[:2] = True
     dose, dvh_score = train.openkbp_scores([pred, ref], [ref, ref], [mask, mask2], [structures] * 2, [vox] * 2,
                                            roi_names=rois)
@@ -941,7 +957,7 @@ def _read_patient(folder):
 
 @pytest.fixture(scope="module")
 def openkbp_sample():
-    folders = sorted(REAL_OPENKBP.glob("*-pats/pt_*"))
+    folders = sorted(REAL_OPENKBP.glob("*-pats/pt_*"))[:8]
     if len(folders) == 0:
         pytest.skip(f"no OpenKBP sample in {REAL_OPENKBP}")
     return [_read_patient(f) for f in folders]
@@ -954,7 +970,6 @@ def _scores(pats, pred):
 
 def test_openkbp_real_identity_and_constant_shift(openkbp_sample):
     pats = openkbp_sample
-    assert len(pats) == 20
     assert _scores(pats, [p["dose"] for p in pats]) == (0.0, 0.0)
     c = 1.5
     dose, _ = _scores(pats, [p["dose"] + c * p["mask"] for p in pats])  # shift inside the possible-dose mask
@@ -974,8 +989,7 @@ def test_openkbp_real_dvh_numbers(openkbp_sample):
     assert dvh[("D_1", "PTV70")] == pytest.approx(np.percentile(p["dose"][p["structures"][9]], 99))
     present = [r for r, m in zip(train.OPENKBP_ROIS, p["structures"]) if m.any()]
     assert {roi for _, roi in dvh} == set(present) and len(present) < 10  # absent ROIs: no entry
-    # a zero prediction: dose score = sum(ref) / |mask|; DVH score = mean of the reference numbers
-    dose, dvh_score = _scores([p], [np.zeros_like(p["dose"])])
+    dose, dvh_score = _scores([p], [np.zeros_like(p["dose"])])  # zero prediction: the reference numbers
     assert dose == pytest.approx(p["dose"].sum() / p["mask"].sum())
     assert dvh_score == pytest.approx(np.mean(np.abs(list(dvh.values()))))
 
@@ -1003,7 +1017,6 @@ def test_dwa_weights_by_hand():
     ea, eb = np.exp(0.25), np.exp(0.5)
     got = w.weights()
     assert got["a"] == pytest.approx(2 * ea / (ea + eb)) and got["b"] == pytest.approx(2 * eb / (ea + eb))
-    assert got["a"] + got["b"] == pytest.approx(2.0)
     total = w({"a": torch.tensor(1.0), "b": torch.tensor(3.0)})
     assert total.item() == pytest.approx(got["a"] + 3 * got["b"], rel=1e-6)
     restored = train.Weighting("dwa", ["a", "b"])
@@ -1022,12 +1035,9 @@ def test_best_checkpoint_rule():
 def test_mfe_weighting_is_seg_plus_quarter_cls_and_the_default_for_mfe():
     w = train.Weighting("mfe", ["segmentation", "diagnosis"], image_tasks=["diagnosis"])
     assert w({"segmentation": torch.tensor(2.0), "diagnosis": torch.tensor(4.0)}).item() == pytest.approx(2 + 0.25 * 4)
-    args = train.parse_args(["--dataset", "ham10000", "--arch", "mfe", "--device", "cpu"])
-    assert train.resolve_config(args)["weighting"] == "mfe"
-    args = train.parse_args(["--dataset", "ham10000", "--arch", "mfe", "--device", "cpu", "--weighting", "dwa"])
-    assert train.resolve_config(args)["weighting"] == "dwa"
-    args = train.parse_args(["--dataset", "ham10000", "--arch", "ctan", "--device", "cpu"])
-    assert train.resolve_config(args)["weighting"] == "equal"
+    for arch, extra, want in (("mfe", [], "mfe"), ("mfe", ["--weighting", "dwa"], "dwa"), ("ctan", [], "equal")):
+        args = train.parse_args(["--dataset", "ham10000", "--arch", arch, "--device", "cpu", *extra])
+        assert train.resolve_config(args)["weighting"] == want
 
 
 def test_uncertainty_weighting_is_learnable():
@@ -1040,36 +1050,69 @@ def test_uncertainty_weighting_is_learnable():
     assert [n for n, _ in w.named_parameters()] == ["log_vars"]
 
 
+# ------------------------------------------------------------------ config: one table, the device picks the GPU path
+def test_defaults_when_cuda_is_available_match_the_readme(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    readme = (HERE / "README.md").read_text()
+    rows = readme.split("<!-- gpu-defaults -->")[1].strip().splitlines()[2:]
+    table = {cells[1].strip("` "): cells[2].strip("` ") for cells in (r.split("|") for r in rows) if len(cells) > 3}
+    for dataset, dims in (("openkbp", 2), ("openkbp", 3), ("ham10000", 2), ("stoic", 3)):
+        cfg = train.resolve_config(train.parse_args(["--dataset", dataset, "--arch", "ctan", "--dims", str(dims)]))
+        assert cfg["device"] == "cuda" and cfg["precision"] == "bf16" and cfg["channels_last"] is True
+        key = f"{dataset} {dims}D"
+        assert table[key] == f"width {cfg['width']}, depth {','.join(map(str, cfg['depth']))}, batch " \
+                             f"{cfg['batch_size']}, {cfg['epochs']} epochs, lr {cfg['lr']:g}", key
+    cpu = train.resolve_config(train.parse_args(["--dataset", "openkbp", "--arch", "ctan", "--device", "cpu"]))
+    assert (cpu["precision"], cpu["channels_last"], cpu["workers"]) == ("fp32", False, 0)
+
+
+def test_collectives_run_on_the_models_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: seen.append(t.device))
+    run = SimpleNamespace(device=torch.device("meta"), world=2)
+    train.all_reduce_mean(torch.zeros(3, device="meta"), run)
+    assert seen == [torch.device("meta")]
+    with pytest.raises(AssertionError):
+        train.all_reduce_mean(torch.zeros(3), run)  # a CPU tensor for a model elsewhere: NCCL would crash
+
+
 # ------------------------------------------------------------------ end to end (tiny synthetic data)
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """Tiny synthetic files made by data.py: {name: path}."""
     folder = tmp_path_factory.mktemp("data")
-    sizes = {"openkbp": dict(n=10, size=32), "ham10000": dict(n=120, size=32), "stoic": dict(n=20, size=32)}
+    sizes = {"openkbp": dict(n=6, size=32), "ham10000": dict(n=60, size=32), "stoic": dict(n=12, size=32)}
     return {name: data.synth(name, folder / f"{name}.h5", seed=1, **kw) for name, kw in sizes.items()}
 
 
 def _argv(synthetic, out, name="openkbp", arch="hps", *extra):
     return ["--dataset", name, "--arch", arch, "--data", str(synthetic[name]), "--out", str(out), "--device", "cpu",
-            "--workers", "0", "--width", "8", "--depth", "2,2,2,2", "--batch-size", "4", "--max-steps-per-epoch", "3",
-            "--epochs", "1", *extra]
+            "--workers", "0", "--width", "4", "--depth", "2,2,2,2", "--batch-size", "4", "--max-steps-per-epoch", "2",
+            "--epochs", "1", "--max-eval-cases", "1", *extra]
+
+
+def _fails(argv, capsys, *expected, code=2):
+    """train.main(argv) exits with `code` and one stderr line holding every `expected`."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == code and "\n" not in err and all(x in err for x in expected), err
+    return err
 
 
 def test_resume_is_exact(synthetic, tmp_path):
     """1 epoch + resume to 2 == 2 epochs straight: same weights (model and the learnable uncertainty
-    weights), same optimizer state, same metrics."""
+    weights), optimizer state, metrics."""
     args = ["--arch", "ctan", "--epochs", "2", "--weighting", "uncertainty", "--seed", "5"]
     straight = train.main(_argv(synthetic, tmp_path / "a") + args)
     stopped = train.main(_argv(synthetic, tmp_path / "b") + args + ["--stop-after", "1"])
-    assert stopped["stopped_after"] == 1 and torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 1
-    resumed = train.main(_argv(synthetic, tmp_path / "b") + args + ["--resume"])
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
-    assert a["epoch"] == b["epoch"] == 2
+    assert stopped["stopped_after"] == 1 and torch.load(tmp_path / "b" / "last.pt")["epoch"] == 1
+    resumed = train.main(["--resume", "--out", str(tmp_path / "b"), "--dataset", "openkbp", "--arch", "ctan"])
+    a, b = (torch.load(tmp_path / d / "last.pt") for d in "ab")  # weights_only: tensors and plain values
+    assert a["epoch"] == b["epoch"] == 2 and b["config"]["width"] == 4  # the settings came from last.pt
     for part in ("model", "weighting"):
         assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert k == "_extra_state" or torch.equal(a[part][k], b[part][k]), k
+        assert all(k == "_extra_state" or torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert a["weighting"]["_extra_state"] == b["weighting"]["_extra_state"]
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
@@ -1081,60 +1124,72 @@ def test_resume_is_exact(synthetic, tmp_path):
         assert same([r[key] for r in lines[0]], [r[key] for r in lines[1]]), key
 
 
-def test_outputs_and_delta_mtl(synthetic, tmp_path, capsys):
-    train.main(_argv(synthetic, tmp_path / "openkbp-stl", "openkbp", "stl"))
+def test_outputs_and_delta_mtl_against_the_matching_stl_run(synthetic, tmp_path, capsys):
+    stl = train.main(_argv(synthetic, tmp_path / "openkbp-stl", "openkbp", "stl"))
+    assert stl["delta_mtl"] is None and stl["data_digest"] == data.open_dataset(synthetic["openkbp"], "test").digest
     capsys.readouterr()
-    res = train.main(_argv(synthetic, tmp_path / "openkbp-hps", "openkbp", "hps", "--log-every", "0"))
-    log = capsys.readouterr().out
-    assert "SYNTHETIC" in log and '"width": 8' in log  # loud synthetic warning, effective config
-    assert "epoch 1 step 1/3" in log and "samples/s" in log and "ETA" in log  # progress within the epoch
+    res = train.main(_argv(synthetic, tmp_path / "openkbp-hps", "openkbp", "hps", "--log-every", "0", "--epochs", "2",
+                           "--stl", str(tmp_path / "openkbp-stl")))
+    log = capsys.readouterr().out.strip().splitlines()
+    assert "SYNTHETIC" in "\n".join(log) and '"width": 4' in log[0]  # loud synthetic warning, effective config
+    assert any("epoch 1 step 1/2" in l and "samples/s" in l and "ETA" in l for l in log)  # progress in an epoch
     out = tmp_path / "openkbp-hps"
+    assert log[-1] == f"results: {out / 'results.json'}"
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl", "predictions",
                                                       "results.json"]
     saved = json.loads((out / "results.json").read_text())
-    assert saved["config"]["arch"] == "hps" and saved["config"]["width"] == 8
+    assert saved["config"]["arch"] == "hps" and saved["dims"] == 2 and saved["split"] == "test"
     assert set(saved["test"]) >= {"dose_score", "dvh_score", "dice", "dice_Brainstem", "dice_PTV70"}
-    assert np.isfinite(saved["delta_mtl"]) and saved["delta_mtl"] == pytest.approx(res["delta_mtl"])
-    assert list(out.glob("predictions/*.png"))
-    last = torch.load(out / "last.pt", weights_only=False)
-    assert {"model", "optimizer", "scheduler", "weighting", "epoch", "rng", "config"} <= set(last)
-    assert {"torch", "numpy", "python"} <= set(last["rng"])
+    want = train.delta_mtl(saved["test"], stl["test"], ["dose", "structures"])
+    assert [saved["delta_mtl"], saved["delta_mtl_per_task"]] == pytest.approx([want[0], want[1]])
+    assert set(saved["delta_mtl_per_task"]) == {"dose", "structures"}
+    assert [p.name for p in (out / "predictions").glob("*.png")] == ["syn_val_000.png"]  # first val case
+    last = torch.load(out / "last.pt")
+    assert {"model", "optimizer", "scheduler", "weighting", "epoch", "rng", "config", "best"} <= set(last)
     again = train.main(_argv(synthetic, out, "openkbp", "hps", "--eval-only", str(out / "best.pt")))
-    assert json.dumps(again["test"]) == json.dumps(res["test"])
-    assert (out / "results_eval.json").exists() and json.loads((out / "results.json").read_text())["best_val"]
+    assert json.dumps(again["test"]) == json.dumps(res["test"]) and (out / "results_eval.json").exists()
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_rt_evaluation_of_a_perfect_prediction(synthetic, tmp_path, monkeypatch, dims):
-    """Slices put back into volumes (2D) or whole volumes (3D), dose rescaled to Gy: the truth
-    scores dose 0, DVH 0, Dice 1 (ROIs absent from a patient are not scored)."""
-    args = train.parse_args(_argv(synthetic, tmp_path / "p", "openkbp", "hps", "--dims", str(dims)))
-    run = train.build(train.resolve_config(args))
-
-    def oracle(run, ds, batch_size=None):
-        for batch in torch.utils.data.DataLoader(ds, batch_size=5):
-            yield batch, {"dose": (batch["dose"] / train.DOSE_SCALE_GY).numpy(),
-                          "structures": (batch["structures"].numpy() * 2 - 1) * 10}
-
-    monkeypatch.setattr(train, "predict", oracle)
-    metrics = train.evaluate(run, run.test_ds, preview_dir=tmp_path / "png")
-    assert metrics["dose_score"] < 1e-5 and metrics["dvh_score"] < 1e-5 and metrics["dice"] == 1  # float32 * 80
-    assert len(list((tmp_path / "png").glob("*.png"))) == run.test_ds.num_cases
-
-
-def test_ham10000_learns_beyond_chance(synthetic, tmp_path):
-    """Within seconds: lesion Dice far above an empty mask (0) and balanced accuracy above chance (1/7)."""
-    res = train.main(_argv(synthetic, tmp_path / "h", "ham10000", "hps", "--epochs", "6", "--max-steps-per-epoch",
-                           "10", "--batch-size", "8", "--lr", "3e-3"))
-    val, test = res["best_val"]["metrics"], res["test"]
-    assert val["balanced_accuracy"] > 1 / 7 + 0.1 and test["balanced_accuracy"] > 1 / 7
-    assert test["dice"] > 0.5 and test["auc"] > 0.5
-    assert set(test) == {"dice", "isic_jaccard", "balanced_accuracy", "auc"}
+def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
+    stl_dir = tmp_path / "openkbp-stl"
+    train.main(_argv(synthetic, stl_dir, "openkbp", "stl"))
+    stl_file = stl_dir / "results.json"
+    good = json.loads(stl_file.read_text())
+    other = data.synth("openkbp", tmp_path / "other.h5", n=6, size=32, seed=2)  # same kind, other content
+    res = train.main(_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--data", str(other), "--stl", str(stl_dir)))
+    assert res["delta_mtl"] is None and "data_digest" in res["delta_mtl_note"]
+    for key, value in (("dims", 3), ("synthetic", False), ("split", "val")):
+        atomic = {**good, key: value}
+        stl_file.write_text(json.dumps(atomic))
+        res = train.main(_argv(synthetic, tmp_path / f"y{key}", "openkbp", "hps", "--stl", str(stl_file)))
+        assert res["delta_mtl"] is None and key in res["delta_mtl_note"] and "not comparable" in res["delta_mtl_note"]
+        assert json.loads((tmp_path / f"y{key}" / "results.json").read_text())["delta_mtl_note"] == res["delta_mtl_note"]
+    assert "no Delta_MTL" in capsys.readouterr().out
 
 
-def test_stoic_3d_runs(synthetic, tmp_path):
-    res = train.main(_argv(synthetic, tmp_path / "s", "stoic", "ctan", "--batch-size", "2"))
-    assert set(res["test"]) == {"auc_severe", "auc_covid"} and res["config"]["dims"] == 3
+def test_nothing_is_silently_replaced(synthetic, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = train.main(_argv(synthetic, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _fails(_argv(synthetic, out), capsys, str(out), "--resume", "--out", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    again = train.main(_argv(synthetic, out, "openkbp", "hps", "--overwrite"))
+    assert json.dumps(again["test"]) == json.dumps(first["test"])  # started over: same seed, same numbers
+    _fails(_argv(synthetic, tmp_path / "none", "openkbp", "hps", "--resume"), capsys, "no last.pt")
+    assert not (tmp_path / "none").exists()
+    # the default --out keeps runs on different data files apart
+    argv = lambda path, dims: ["--dataset", "openkbp", "--arch", "ctan", "--data", path, "--dims", dims]
+    outs = {train.resolve_config(train.parse_args(argv(p, d)))["out"] for p in ("a/x.h5", "b/y.h5") for d in "23"}
+    assert len(outs) == 4
+
+
+@pytest.mark.parametrize("option, value", [("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0"),
+                                           ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"), ("--width", "0"),
+                                           ("--workers", "-1"), ("--depth", "2,2"), ("--steps", "0"),
+                                           ("--max-steps-per-epoch", "0"), ("--weight-decay", "-1")])
+def test_bad_values_are_refused_at_parse_time(synthetic, tmp_path, capsys, option, value):
+    _fails(_argv(synthetic, tmp_path / "r") + [option, value], capsys, option, repr(value))
+    assert not (tmp_path / "r").exists()
 
 
 def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
@@ -1144,93 +1199,179 @@ def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
         (_argv(synthetic, tmp_path / "x") + ["--dataset", "mnist"], "ham10000"),
         (_argv(synthetic, tmp_path / "x", "ham10000") + ["--data", str(synthetic["openkbp"])], "holds openkbp"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps") + ["--transition", "conv"], "applies to mtan and ctan"),
+        (_argv(synthetic, tmp_path / "x", "openkbp", "hps,ctan"), "for --bench"),
+        (_argv(synthetic, tmp_path / "x", "openkbp", "ctan", "--stage", "b"), "--arch guidance only"),
     ]
     for argv, expected in cases:
-        with pytest.raises(SystemExit) as e:
-            train.main(argv)
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and expected in err, err
+        _fails(argv, capsys, "error: ", expected)
+    assert not (tmp_path / "x").exists()
 
 
-def test_transition_option_reaches_the_model(synthetic, tmp_path):
-    sizes = {}
-    for transition in ("block", "conv"):
-        args = train.parse_args(_argv(synthetic, tmp_path / "t", "openkbp", "ctan", "--transition", transition))
-        model = train.build(train.resolve_config(args)).model
-        sizes[transition] = ctan.count_parameters(model)
-        assert isinstance(model.transition[0][0], ctan.Bottleneck) == (transition == "block")
-    assert sizes["conv"] < sizes["block"]
+def test_damaged_or_foreign_checkpoints_get_one_line(synthetic, tmp_path, capsys):
+    out = tmp_path / "r"
+    train.main(_argv(synthetic, out, "openkbp", "hps", "--epochs", "2", "--stop-after", "1"))
+    good = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(good[: len(good) // 2])
+    _fails(_argv(synthetic, out, "openkbp", "hps", "--resume"), capsys, str(out / "last.pt"), "truncated or damaged")
+    _fails(_argv(synthetic, tmp_path / "e", "openkbp", "hps", "--eval-only", str(out / "last.pt")), capsys, "last.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    _fails(_argv(synthetic, tmp_path / "e", "openkbp", "hps", "--eval-only", str(tmp_path / "foreign.pt")), capsys,
+           "foreign.pt", "not a train.py checkpoint")
 
 
-def test_checkpoints_from_before_an_option_keep_the_model_they_were_made_with(synthetic, tmp_path):
-    """A CTAN checkpoint written before `transition`/`pool_queries` existed is evaluated with the
-    model it was trained as: official transitions and one query per voxel."""
-    argv = _argv(synthetic, tmp_path / "old", "openkbp", "ctan", "--epochs", "1")
-    train.main(argv)
-    ck = torch.load(tmp_path / "old" / "best.pt", weights_only=False)
-    assert ck["config"]["pool_queries"] is True
-    for key in train.BEFORE_OPTION:
-        del ck["config"][key]
-    torch.save(ck, tmp_path / "old" / "best.pt")
-    assert train.load_checkpoint(tmp_path / "old" / "best.pt")["config"]["pool_queries"] is False
-    res = train.main(argv + ["--eval-only", str(tmp_path / "old" / "best.pt")])
-    assert res["config"]["pool_queries"] is False and res["config"]["transition"] == "block"
+def test_ctrl_c_stops_with_one_line_and_says_what_was_saved(synthetic, tmp_path, capsys, monkeypatch):
+    real = train.train_step
+    calls = []
+
+    def interrupted_at(n):
+        def step(run, batch):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(run, batch)
+        calls.clear()
+        monkeypatch.setattr(train, "train_step", step)
+
+    interrupted_at(2)  # in epoch 1: nothing to resume, no folder left behind
+    _fails(_argv(synthetic, tmp_path / "a", "openkbp", "hps", "--epochs", "2"), capsys, "nothing was saved", code=130)
+    assert not (tmp_path / "a").exists()
+    interrupted_at(3)  # in epoch 2: last.pt holds epoch 1, and --resume continues from it
+    _fails(_argv(synthetic, tmp_path / "b", "openkbp", "hps", "--epochs", "2"), capsys, "last.pt", "--resume", code=130)
+    monkeypatch.setattr(train, "train_step", real)
+    assert train.main(_argv(synthetic, tmp_path / "b", "openkbp", "hps", "--resume"))["test_epoch"] in (1, 2)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic, tmp_path, capsys, monkeypatch):
     real = train.task_losses
 
-    def poisoned(outputs, batch, losses, class_weights=None):
-        out = real(outputs, batch, losses, class_weights)
-        if poisoned.calls >= 3:  # epoch 2 (3 steps per epoch)
-            out["dose"] = out["dose"] * float("nan")
+    def poisoned(outputs, batch, tasks, class_weights=None):
+        out = real(outputs, batch, tasks, class_weights)
         poisoned.calls += 1
-        return out
+        return {**out, "dose": out["dose"] * float("nan")} if poisoned.calls > 2 else out  # epoch 2 (2 steps/epoch)
 
     poisoned.calls = 0
     monkeypatch.setattr(train, "task_losses", poisoned)
-    with pytest.raises(SystemExit) as e:
-        train.main(_argv(synthetic, tmp_path / "n", "openkbp", "hps", "--epochs", "2"))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "non-finite loss at epoch 2" in err
-    assert torch.load(tmp_path / "n" / "last.pt", weights_only=False)["epoch"] == 1
+    _fails(_argv(synthetic, tmp_path / "n", "openkbp", "hps", "--epochs", "2"), capsys, "non-finite loss at epoch 2")
+    assert torch.load(tmp_path / "n" / "last.pt")["epoch"] == 1
+
+
+def test_single_class_auc_is_nan_with_a_warning_in_the_results(synthetic, tmp_path, capsys, monkeypatch):
+    real = train.EVALUATORS["stoic"]
+    monkeypatch.setitem(train.EVALUATORS, "stoic", lambda *a: {**real(*a), "auc_covid": train.roc_auc([1, 1], [.1, .2],
+                                                                                                         "auc_covid")})
+    res = train.main(_argv(synthetic, tmp_path / "s", "stoic", "ctan", "--batch-size", "2"))
+    assert np.isnan(res["test"]["auc_covid"]) and res["warnings"] == ["auc_covid is NaN: the 2 cases hold one class only"]
+    assert "WARNING: test auc_covid is NaN" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["warnings"] == res["warnings"]
+    assert set(res["test"]) == {"auc_severe", "auc_covid"} and res["config"]["dims"] == 3
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_rt_evaluation_of_a_perfect_prediction(synthetic, tmp_path, monkeypatch, dims):
+    """Slices put back into volumes (2D) or whole volumes (3D), dose rescaled to Gy: the truth
+    scores dose 0, DVH 0, Dice 1 (ROIs absent from a patient are not scored)."""
+    cfg = train.resolve_config(train.parse_args(_argv(synthetic, tmp_path / "p", "openkbp", "hps", "--dims", str(dims))))
+    splits = train.open_splits(cfg)
+    cfg["tasks"] = splits["test"].tasks
+    run = SimpleNamespace(cfg=cfg)
+
+    def oracle(run, ds):
+        for batch in torch.utils.data.DataLoader(ds, batch_size=5):
+            yield batch, {"dose": (batch["dose"] / train.DOSE_SCALE_GY).numpy(),
+                          "structures": (batch["structures"].numpy() * 2 - 1) * 10.0}
+
+    monkeypatch.setattr(train, "predict", oracle)
+    metrics, notes = train.evaluate(run, splits["test"], preview_dir=tmp_path / "png")
+    assert metrics["dose_score"] < 1e-5 and metrics["dvh_score"] < 1e-5 and metrics["dice"] == 1 and not notes
+    assert len(list((tmp_path / "png").glob("*.png"))) == splits["test"].num_cases
+
+
+def test_ham10000_learns_beyond_chance(synthetic, tmp_path):
+    """Within seconds: lesion Dice far above an empty mask (0) and balanced accuracy above chance (1/7)."""
+    res = train.main(_argv(synthetic, tmp_path / "h", "ham10000", "hps", "--epochs", "5", "--max-steps-per-epoch",
+                           "6", "--batch-size", "8", "--lr", "3e-3", "--width", "8", "--max-eval-cases", "10"))
+    assert res["test"]["balanced_accuracy"] > 1 / 7 + 0.1 and res["test"]["dice"] > 0.5
+    assert set(res["test"]) == {"dice", "isic_jaccard", "balanced_accuracy", "auc"}
+
+
+def test_every_arch_trains_under_bf16_autocast_and_channels_last(synthetic, tmp_path):
+    """The GPU path's choices, run on a CPU: bf16 autocast and channels-last memory, every arch, 2D and 3D."""
+    for arch, dims in (("stl", 2), ("hps", 3), ("mtan", 2), ("ctan", 3), ("ctan", 2), ("mfe", 2)):
+        res = train.main(_argv(synthetic, tmp_path / f"{arch}{dims}", "openkbp", arch, "--dims", str(dims),
+                               "--precision", "bf16", "--channels-last", "--max-steps-per-epoch", "1"))
+        assert res["config"]["precision"] == "bf16" and np.isfinite(res["test"]["dose_score"])
+
+
+def test_transition_option_reaches_the_model(synthetic, tmp_path):
+    sizes = {}
+    for transition in ("block", "conv"):
+        cfg = train.resolve_config(train.parse_args(_argv(synthetic, tmp_path, "openkbp", "ctan", "--transition",
+                                                          transition)))
+        model = train.build_model(cfg, data.task_spec("openkbp", 10), 1)
+        sizes[transition] = ctan.count_parameters(model)
+        assert isinstance(model.transition[0][0], ctan.Bottleneck) == (transition == "block")
+    assert sizes["conv"] < sizes["block"]
 
 
 # ------------------------------------------------------------------ benchmark and multi-process training
-def test_bench_prints_one_json_line(synthetic, tmp_path, capsys):
-    """--bench runs (a measurement, so nothing about its times is asserted)."""
-    argv = _argv(synthetic, tmp_path / "bench", "ham10000", "ctan") + ["--bench", "--steps", "1", "--batch-size", "2"]
+def test_bench_times_several_archs_with_flops(synthetic, tmp_path, capsys):
+    """--bench runs (a measurement: nothing about its times is asserted)."""
+    argv = _argv(synthetic, tmp_path / "bench", "ham10000", "hps,ctan") + ["--bench", "--steps", "1", "--batch-size",
+                                                                          "2", "--peak-tflops", "1"]
     result = train.main(argv)
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
-    assert len(lines) == 1 and json.loads(lines[0]) == result
-    assert result["input"] == [2, 3, 192, 256]  # the real HAM10000 size, random tensors
-    assert result["params"] > 0 and result["samples_per_s"] > 0 and result["dtype"] == "fp32"
-    assert result["hdf5"]["input"] == [2, 3, 32, 32] and 0 <= result["hdf5"]["data_wait_fraction"] <= 1
-    assert result["hdf5"]["loader_samples_per_s"] > 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert lines == result["results"] + [{"ratios_vs": "hps", "ratios": result["ratios"]}]
+    hps, ctn = result["results"]
+    assert hps["input"] == [2, 3, 192, 256] and hps["precision"] == "fp32"  # the real HAM10000 size, random tensors
+    assert ctn["gflop_per_step"] > hps["gflop_per_step"] > 0 and ctn["params"] > hps["params"]
+    assert hps["mfu"] == pytest.approx(hps["tflops"], rel=1e-3, abs=1e-4)  # peak 1 TFLOP/s
+    assert 0 < hps["estimated_memory_gib"] < ctn["estimated_memory_gib"]
+    assert result["ratios"]["ctan"]["flops"] == pytest.approx(ctn["gflop_per_step"] / hps["gflop_per_step"], rel=1e-2)
+    assert hps["hdf5"]["input"] == [2, 3, 32, 32] and 0 <= hps["hdf5"]["data_wait_fraction"] <= 1
     assert not (tmp_path / "bench").exists()  # a benchmark writes no run
 
 
+DDP_SPY = """
+import json, os, sys
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import train
+seen, real_reduce, real_fit, state = [], dist.all_reduce, train.fit, {}
+dist.all_reduce = lambda t, *a, **k: (seen.append(str(t.device)), real_reduce(t, *a, **k))[1]
+def fit(run, log=print):
+    best = real_fit(run, log)
+    state.update(device=str(run.device), log_vars=run.weighting.log_vars.tolist())
+    return best
+train.fit = fit
+train.main(sys.argv[3:])
+json.dump({"seen": seen, **state}, open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w"))
+"""
+
+
 def test_torchrun_two_processes_gloo(synthetic, tmp_path):
-    """DDP on CPU: two processes, each with half of every epoch's batches; process 0 alone writes."""
-    out = tmp_path / "ddp"
-    argv = _argv(synthetic, out, "ham10000", "ctan", "--epochs", "2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(train.__file__)), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    """DDP on CPU: two processes, each half of every epoch's batches; process 0 alone writes; every
+    collective runs on the model's device; the learnable loss weights stay equal across ranks."""
+    out, spy = tmp_path / "ddp", tmp_path / "spy.py"
+    spy.write_text(DDP_SPY)
+    argv = _argv(synthetic, out, "ham10000", "ctan", "--epochs", "2", "--weighting", "uncertainty")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(spy), str(HERE),
+           str(tmp_path), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("epoch 1/2 loss") == 1 and proc.stdout.count("epoch 2/2 loss") == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    results = json.loads((out / "results.json").read_text())
-    assert results["test"]["auc"] == results["test"]["auc"]  # a number, not NaN
-    # 84 training items, 4 per process and step, 2 processes: 10 steps, capped at 3 (--max-steps-per-epoch)
-    assert "3 steps/epoch" in proc.stdout
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["seen"] and set(r["seen"]) == {r["device"]} for r in ranks)
+    assert ranks[0]["log_vars"] == ranks[1]["log_vars"] and ranks[0]["log_vars"] != [0.0, 0.0]
+    # 42 training items, 4 per process and step, 2 processes: 5 steps, capped at 2 (--max-steps-per-epoch)
+    assert "2 steps/epoch" in proc.stdout
 
 
 # ============================================================================================
 # train.py --arch guidance: deep multimodal guidance for dose
 # ============================================================================================
 GUIDANCE_TINY = ["--device", "cpu", "--workers", "0", "--width", "4", "--depth", "1,1,1,1", "--batch-size", "4",
-        "--max-steps-per-epoch", "2", "--epochs", "1", "--max-eval-cases", "1"]
+                 "--max-steps-per-epoch", "2", "--max-eval-cases", "1"]
 
 
 def _guidance_argv(path, out, *extra):
@@ -1244,88 +1385,62 @@ def kbp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def done(kbp, tmp_path_factory):
-    """One full run of the four stages: (out folder, results, log lines)."""
+    """The four stages, interrupted after the first epoch (--stop-after) and resumed: (out, results, log)."""
     out = tmp_path_factory.mktemp("guidance") / "run"
     lines = []
-    results = train.run_guidance(train.parse_args(_guidance_argv(kbp, out)), log=lines.append)
+    stopped = train.run_training(train.parse_args(_guidance_argv(kbp, out, "--epochs", "2", "--stop-after", "1")),
+                                 log=lines.append)
+    assert stopped["stopped_after"] == 1 and not (out / "a_superior").exists()
+    results = train.run_training(train.parse_args(_guidance_argv(kbp, out, "--resume")), log=lines.append)
     return out, results, lines
 
 
-def _splits(cfg):
-    return {s: train.open_split(cfg, s) for s in ("train", "val", "test")}
-
-
 def _cfg(kbp, out, *extra):
-    return train.guidance_config(train.parse_args(_guidance_argv(kbp, out, *extra)))
+    cfg = train.resolve_config(train.parse_args(_guidance_argv(kbp, out, *extra)))
+    return dict(cfg, guidance_out=cfg["out"])
 
 
-def _state(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+def _ck(out, entry):
+    return torch.load(out / entry / "best.pt")["model"]
 
 
-def _same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_stages_run_in_order_and_keep_their_checkpoints(done):
+def test_stages_run_in_order_keep_their_runs_and_resume(done):
     out, results, lines = done
-    for name in ("stage_a_inferior.pt", "stage_a_superior.pt", "stage_b_guidance.pt", "stage_d_combined.pt",
-                 "results.json"):
-        assert (out / name).exists(), name
-    assert not list(out.glob("*/best.pt")) and not list(out.glob("*/last.pt"))  # no duplicate checkpoints
+    for entry in ("a_inferior", "a_superior", "b_guidance", "d_combined"):
+        assert {"best.pt", "last.pt", "metrics.jsonl", "results.json"} <= {p.name for p in (out / entry).iterdir()}
+        assert torch.load(out / entry / "last.pt")["epoch"] == 2
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["guidance"]) == ["a_inferior", "a_superior", "c_guided", "d_combined"]
     for metrics in saved["guidance"].values():
         assert set(metrics) == {"dose_score", "dvh_score"} and all(np.isfinite(v) for v in metrics.values())
-    assert saved["config"]["arch"] == "guidance" and saved["stages"]["b_guidance"]["val_mse"] > 0
+    assert json.loads((out / "b_guidance" / "results.json").read_text())["test"]["guidance_mse"] > 0
     log = "\n".join(lines)
-    order = [log.index(f"stage {s}") for s in ("a_inferior", "a_superior", "b_guidance", "d_combined")]
-    assert order == sorted(order) and log.index("test (c_guided)") < order[-1]
-    assert "(a) superior" in log and "(d) combined" in log and "SYNTHETIC" in log
-    a_inf = torch.load(out / "stage_a_inferior.pt", weights_only=False)
-    a_sup = torch.load(out / "stage_a_superior.pt", weights_only=False)
-    assert (a_inf["in_channels"], a_sup["in_channels"]) == (1, 1 + len(data.OPENKBP_ROIS))
+    order = [log.index(f"stage {s}") for s in ("a_inferior", "a_superior", "b_guidance", "c_guided", "d_combined")]
+    assert order == sorted(order) and "resumed from" in log and "SYNTHETIC" in log
+    assert lines[-1] == f"results: {out / 'results.json'}" and "c_guided" in lines[-2]
+    assert _ck(out, "a_inferior")["encoders.dose.stem.0.weight"].shape[1] == 1
+    assert _ck(out, "a_superior")["encoders.dose.stem.0.weight"].shape[1] == 1 + len(data.OPENKBP_ROIS)
 
 
-def test_one_stage_reruns_from_the_kept_checkpoints(done, kbp, tmp_path, capsys):
+def test_one_stage_reruns_from_the_kept_runs(done, kbp, tmp_path, capsys):
     out, results, _ = done
-    again = train.main(_guidance_argv(kbp, out, "--stage", "c"))  # deterministic: (c) is only evaluated
-    assert json.dumps(again["guidance"]["c_guided"]) == json.dumps(results["guidance"]["c_guided"])
-    assert set(again["guidance"]) == set(results["guidance"])  # the other stages' results are kept
-    with pytest.raises(SystemExit) as e:
-        train.main(_guidance_argv(kbp, tmp_path / "empty", "--stage", "d"))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "stage_a_inferior.pt" in err and "--stage a" in err
-    with pytest.raises(SystemExit) as e:
-        train.main(["--dataset", "openkbp", "--arch", "ctan", "--data", str(kbp), "--stage", "b"])
-    assert e.value.code == 2 and "--arch guidance only" in capsys.readouterr().err
+    _fails(_guidance_argv(kbp, out, "--stage", "c"), capsys, "holds a run", "--overwrite")
+    again = train.main(_guidance_argv(kbp, out, "--stage", "c", "--overwrite"))  # (c) is only evaluated
+    assert json.dumps(again["guidance"]) == json.dumps(results["guidance"])  # and the other stages are kept
+    _fails(_guidance_argv(kbp, tmp_path / "empty", "--stage", "d"), capsys, "a_inferior/best.pt", "--stage a")
 
 
-def test_stage_b_leaves_the_frozen_models_bit_identical(kbp, tmp_path):
-    cfg = _cfg(kbp, tmp_path / "b")
-    (tmp_path / "b").mkdir()
-    build = lambda cin: ctan.build_model("stl", train.DOSE_TASK, cin, dims=2, width=4, depth=(1, 1, 1, 1))
-    inferior, superior = build(1).train(), build(11).train()  # given in training mode on purpose
-    before = [_state(inferior), _state(superior)]
-    guidance, info = train.guidance_stage_b(cfg, _splits(cfg), inferior, superior, log=lambda s: None)
-    assert _same(before[0], _state(inferior)) and _same(before[1], _state(superior))  # incl. BN buffers
-    assert not any(p.requires_grad for m in (inferior, superior) for p in m.parameters())
-    g0 = ctan.GuidanceNetwork(2, inferior.encoders["dose"].channels, 0.1)
-    assert not _same(_state(g0), _state(guidance))  # G itself did train
-    assert info["b_guidance"]["val_mse"] > 0 and (tmp_path / "b" / "stage_b_guidance.pt").exists()
-
-
-def test_stage_d_trains_only_the_new_decoder(done):
+def test_frozen_stages_stay_bit_identical_and_only_new_parts_train(done, kbp):
     out, _, _ = done
-    d = torch.load(out / "stage_d_combined.pt", weights_only=False)["model"]
-    a = torch.load(out / "stage_a_inferior.pt", weights_only=False)["model"]
-    b = torch.load(out / "stage_b_guidance.pt", weights_only=False)["model"]
-    assert all(torch.equal(d[f"inferior.{k}"], v) for k, v in a.items())
-    assert all(torch.equal(d[f"guidance.{k}"], v) for k, v in b.items())
-    inferior = ctan.build_model("stl", train.DOSE_TASK, 1, width=4, depth=(1, 1, 1, 1))
-    model = train.CombinedGuidedModel(inferior, ctan.GuidanceNetwork(2, inferior.encoders["dose"].channels), 2).train()
-    assert not model.inferior.training and not model.guidance.training and model.heads.training
-    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"heads"}
+    a, b, d = _ck(out, "a_inferior"), _ck(out, "b_guidance"), _ck(out, "d_combined")
+    assert all(torch.equal(b[f"inferior.{k}"], v) and torch.equal(d[f"inferior.{k}"], v) for k, v in a.items())
+    assert all(torch.equal(b[f"superior.{k}"], v) for k, v in _ck(out, "a_superior").items())  # incl. BN buffers
+    assert all(torch.equal(d[k], v) for k, v in b.items() if k.startswith("guidance."))
+    cfg = _cfg(kbp, out)
+    for entry, trained in (("b_guidance", {"guidance"}), ("d_combined", {"heads"})):
+        model = train.stage_model(cfg, entry, len(data.OPENKBP_ROIS)).train()
+        assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == trained
+        assert all(not m.training for name in model.frozen for m in getattr(model, name).modules())
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -1340,7 +1455,7 @@ def test_guided_model_shapes(dims):
     sup = superior.features(torch.randn(2, cin_sup, *[size] * dims))["dose"]
     assert [t.shape for t in sup] == [t.shape for t in feats]  # G's targets match its outputs
     with torch.no_grad():
-        c = train.guided_model(inferior, g, superior)(x)["dose"]
+        c = ctan.GuidedModel(inferior, g, superior.heads).eval()(x)["dose"]
         d = train.CombinedGuidedModel(inferior, g, dims).eval()(x)["dose"]
     assert c.shape == d.shape == (2, 1, *[size] * dims)
 
@@ -1371,29 +1486,24 @@ class _NoMasks(torch.utils.data.Dataset):
 
 def test_guided_models_never_read_the_masks(done, kbp):
     out, results, _ = done
-    cfg = train.guidance_config(train.parse_args(_guidance_argv(kbp, out)))
-    test_ds = train.open_split(cfg, "test")
-    inferior, superior = train.load_dose_model(cfg, "a_inferior"), train.load_dose_model(cfg, "a_superior")
-    guidance = train.load_guidance(cfg)
-    c = train.guided_model(inferior, guidance, superior)
-    d = train.CombinedGuidedModel(train.load_dose_model(cfg, "a_inferior"), train.load_guidance(cfg), 2)
-    d.load_state_dict(torch.load(out / "stage_d_combined.pt", weights_only=False)["model"])
-    for model, entry in ((c, "c_guided"), (d, "d_combined")):
-        run = train._eval_run(cfg, model)
+    cfg = _cfg(kbp, out)
+    test_ds = data.open_dataset(kbp, "test")
+    for entry in ("c_guided", "d_combined"):
+        model = train.stage_model(dict(cfg, tasks=train.DOSE_TASK), entry, len(data.OPENKBP_ROIS))
+        if entry == "d_combined":
+            model.load_state_dict(_ck(out, entry))
+        run = SimpleNamespace(cfg=dict(cfg, tasks=train.DOSE_TASK), device=torch.device("cpu"), model=model)
         ref = np.concatenate([o["dose"] for _, o in train.predict(run, test_ds)])
         for how in ("drop", "nan", "random"):
             got = np.concatenate([o["dose"] for _, o in train.predict(run, _NoMasks(test_ds, how))])
             assert np.array_equal(ref, got), (entry, how)
-        # scored on a split without masks in its items: the same test metrics as in results.json
-        again = train.evaluate(run, _NoMasks(test_ds, "drop"))
-        assert json.dumps(again) == json.dumps(results["guidance"][entry])
+        metrics, _ = train.evaluate(run, _NoMasks(test_ds, "drop"))  # the same test metrics as in results.json
+        assert json.dumps(metrics) == json.dumps(results["guidance"][entry])
         with pytest.raises(ValueError, match=r"\(B, 1, S, S\)"):  # CT + masks is refused: CT only
             model(torch.zeros(1, 1 + len(data.OPENKBP_ROIS), 32, 32))
 
 
 @pytest.mark.parametrize("name", ["ham10000", "stoic"])
 def test_datasets_without_a_superior_modality_are_refused(name, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        train.main(["--dataset", name, "--arch", "guidance", "--out", str(tmp_path / "x")])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "needs a superior modality (CT + ROI masks)" in err and name in err
+    _fails(["--dataset", name, "--arch", "guidance", "--out", str(tmp_path / "x")], capsys,
+           "needs a superior modality (CT + ROI masks)", name)
