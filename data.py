@@ -4,8 +4,6 @@
 README.md ("## Data") states the layout in prose; `schema` is the same layout as code, used by the one
 writer (`_write`), the reader (`check_layout`, `H5Dataset`) and `info` (`describe`).
 """
-from __future__ import annotations
-
 import argparse
 import csv
 import hashlib
@@ -133,7 +131,8 @@ def _first_line(e: BaseException) -> str:
 def _check_out(out: Path, overwrite: bool):
     """Refuse to replace an existing file unless asked to."""
     if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, or choose another --out")
+        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, "
+                        "or choose another --out")
 
 
 # ----------------------------------------------------------------------------- the one writer
@@ -254,7 +253,7 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
         return values
 
     shape = numbers("DimSize", numbers("NDims", 1)[0] if "NDims" in header else None)
-    spacing = numbers("ElementSpacing" if "ElementSpacing" in header else "ElementSize", len(shape), float, "1 " * 9)
+    spacing = numbers("ElementSpacing", len(shape), float, header.get("ElementSize", "1 " * len(shape)))
     etype, name = header.get("ElementType"), header["ElementDataFile"]
     if etype not in _MET_TYPES or numbers("ElementNumberOfChannels", 1, default="1") != [1]:
         raise DataError(f"{path}: MetaImage of {etype} x {header.get('ElementNumberOfChannels', 1)} channels is not "
@@ -264,7 +263,7 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
     if raw is None and not (path.parent / name).is_file():
         raise DataError(f"{path}: its data file {path.parent / name} is missing (one file per slice is not "
                         "supported): put it next to the header")
-    raw = (path.parent / name).read_bytes() if raw is None else raw
+    raw = raw if raw is not None else (path.parent / name).read_bytes()
     nbytes = math.prod(shape) * dtype.itemsize
     if header.get("CompressedData", "False").lower() == "true":
         try:
@@ -429,7 +428,8 @@ def _ham_raw(raw_dir: Path, size, seed):
                 "lesion_id": r["lesion_id"], "diagnosis": HAM_CLASSES.index(r["dx"]), "original_size": original}
 
     split_of = _seeded_split([r["lesion_id"] for r in rows], seed)
-    chosen = {s: sorted((r for r in rows if split_of[r["lesion_id"]] == s), key=lambda r: r["image_id"]) for s in SPLITS}
+    rows = sorted(rows, key=lambda r: r["image_id"])
+    chosen = {s: [r for r in rows if split_of[r["lesion_id"]] == s] for s in SPLITS}
     return {s: (len(rs), map(case, rs)) for s, rs in chosen.items()}
 
 
@@ -440,7 +440,8 @@ def resize_volume(volume: np.ndarray, shape) -> np.ndarray:
     smaller = tuple(min(a, b) for a, b in zip(volume.shape, shape))
     t = torch.from_numpy(volume)[None, None]
     t = F.adaptive_avg_pool3d(t, smaller) if smaller != volume.shape else t
-    return (F.interpolate(t, size=shape, mode="trilinear", align_corners=False) if smaller != shape else t)[0, 0].numpy()
+    t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False) if smaller != shape else t
+    return t[0, 0].numpy()
 
 
 def _stoic_raw(raw_dir: Path, shape, seed):
@@ -465,7 +466,8 @@ def _stoic_raw(raw_dir: Path, shape, seed):
              if r[key].strip() not in ("0", "1", "0.0", "1.0")]
     if wrong:
         raise DataError(f"{reference}: {wrong[0]}, expected 0 or 1")
-    labels = {r["PatientID"]: {"covid": int(float(r["probCOVID"])), "severe": int(float(r["probSevere"]))} for r in rows}
+    labels = {r["PatientID"]: {"covid": int(float(r["probCOVID"])), "severe": int(float(r["probSevere"]))}
+              for r in rows}
 
     def case(pid):
         volume, spacing = read_metaimage(scans[pid])
@@ -528,24 +530,28 @@ def _distance(grid, centre):
 # Synthetic anatomy on the raw axes (D, H, W), W = z, in [-1, 1]: ROI -> (centre, radii, HU); an inf radius
 # makes a cylinder along z. The PTVs are drawn per case (`_synth_plan_case`); these OARs are spared.
 _ORGANS = {
-    "openkbp": {"SpinalCord": ((0.4, 0, 0), (0.07, 0.07, np.inf), 250), "Brainstem": ((0.35, 0, 0.7), (0.12, 0.12, 0.25), 200),
+    "openkbp": {"SpinalCord": ((0.4, 0, 0), (0.07, 0.07, np.inf), 250),
+                "Brainstem": ((0.35, 0, 0.7), (0.12, 0.12, 0.25), 200),
                 "RightParotid": ((0.05, -0.45, 0.4), (0.16, 0.1, 0.18), -150),
                 "LeftParotid": ((0.05, 0.45, 0.4), (0.16, 0.1, 0.18), -150),
-                "Esophagus": ((0.2, 0, -0.6), (0.06, 0.08, 0.5), -400), "Larynx": ((-0.25, 0, -0.25), (0.12, 0.12, 0.2), -600),
+                "Esophagus": ((0.2, 0, -0.6), (0.06, 0.08, 0.5), -400),
+                "Larynx": ((-0.25, 0, -0.25), (0.12, 0.12, 0.2), -600),
                 "Mandible": ((-0.45, 0, 0.3), (0.15, 0.45, 0.12), 1200)},
     "prostate": {"FemoralHead_R": ((0.05, -0.6, 0.1), (0.14, 0.14, 0.16), 900),
                  "FemoralHead_L": ((0.05, 0.6, 0.1), (0.14, 0.14, 0.16), 900),
-                 "Bladder": ((-0.2, 0, 0.35), (0.2, 0.22, 0.2), -100), "Rectum": ((0.35, 0, -0.4), (0.09, 0.1, 0.6), -350)},
+                 "Bladder": ((-0.2, 0, 0.35), (0.2, 0.22, 0.2), -100),
+                 "Rectum": ((0.35, 0, -0.4), (0.09, 0.1, 0.6), -350)},
 }
-_SPARED = ("SpinalCord", "Brainstem", "RightParotid", "LeftParotid", "FemoralHead_R", "FemoralHead_L", "Bladder", "Rectum")
+_SPARED = ("SpinalCord", "Brainstem", "RightParotid", "LeftParotid", "FemoralHead_R", "FemoralHead_L", "Bladder",
+           "Rectum")
 
 
 def _synth_plan_case(rng, name, size):
     """One planning CT built on (D, H, W) like the raw CSVs, returned z first: organs are ellipsoids of distinct HU,
     the PTVs nested enhancing spheres; dose = prescription in each PTV, falling off outside, lower in spared OARs."""
     g, shape, rois = _grid(size), (size,) * 3, SPECS[name].rois
-    body = _ellipsoid(g, (*rng.normal(0, 0.04, 2), 0), (rng.normal(0.75, 0.03), 0.65 + 0.2 * (name == "prostate"), np.inf))
-    body = np.broadcast_to(body, shape)
+    radii = (rng.normal(0.75, 0.03), 0.65 + 0.2 * (name == "prostate"), np.inf)
+    body = np.broadcast_to(_ellipsoid(g, (*rng.normal(0, 0.04, 2), 0), radii), shape)
     hu, dose = np.where(body, 40.0, -1024.0), np.zeros(shape)
     structures = np.zeros((len(rois),) + shape, bool)
     for roi, (centre, radii, value) in _ORGANS[name].items():
@@ -615,7 +621,8 @@ def _synth_stoic_case(rng, size, covid, severe):
     for _ in range(n):
         centre, axes = lungs[rng.integers(2)]
         direction = rng.normal(size=3)
-        point = np.array(centre) + np.array(axes) * 0.7 * rng.random() ** (1 / 3) * direction / np.linalg.norm(direction)
+        direction /= np.linalg.norm(direction)
+        point = np.array(centre) + np.array(axes) * 0.7 * rng.random() ** (1 / 3) * direction
         blob = (_distance(g, point) <= rng.uniform(*radii)) & lung
         hu[blob] = rng.uniform(*values)
     hu[body] += rng.normal(0, 20, int(body.sum())).astype(np.float32)
@@ -672,7 +679,8 @@ def _open_h5(path) -> tuple[h5py.File, dict]:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise DataError(f"{path} is not a readable HDF5 file ({_first_line(e)}): rebuild it with data.py synth or convert")
+        raise DataError(f"{path} is not a readable HDF5 file ({_first_line(e)}): rebuild it with data.py synth "
+                        "or convert") from None
     try:
         return f, check_layout(f, path)
     except BaseException:

@@ -883,7 +883,7 @@ def test_synthetic_tasks_are_learnable(tmp_path):
             for r, roi in enumerate(ds.roi_names):  # every ROI is visible: its HU differs from tissue
                 if c["structures"][r].any():
                     assert abs(np.median(c["image"][c["structures"][r]]) - np.median(tissue)) > 60, roi
-    ham_file = data.synth("ham10000", tmp_path / "h.h5", n=300, size=32)
+    ham_file = data.synth("ham10000", tmp_path / "h.h5", n=120, size=32)
     ham = {s: data.open_dataset(ham_file, s) for s in ("train", "test")}
     feats = {s: [(ds.case(i)["image"][ds.case(i)["segmentation"]].mean(0), ds.case(i)["diagnosis"])
                  for i in range(ds.num_cases)] for s, ds in ham.items()}
@@ -893,7 +893,7 @@ def test_synthetic_tasks_are_learnable(tmp_path):
     pred = np.argmin(((xt[:, None] - centroids[None]) ** 2).sum(-1), 1)
     majority = np.bincount(yt).max() / len(yt)
     assert (pred == yt).mean() > majority + 0.2
-    stoic = data.open_dataset(data.synth("stoic", tmp_path / "s.h5", n=80, size=32), "train", dims=3)
+    stoic = data.open_dataset(data.synth("stoic", tmp_path / "s.h5", n=40, size=32), "train", dims=3)
     cases = [stoic.case(i) for i in range(stoic.num_cases)]
     opacity = np.array([((c["image"] > -600) & (c["image"] < -100)).sum() for c in cases])
     covid = np.array([c["covid"] for c in cases])
