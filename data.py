@@ -1,96 +1,23 @@
-"""Datasets for the CTAN reference implementation: HDF5 files, converters, synthetic stand-ins.
+"""Datasets for CTAN: one HDF5 file per dataset, converted from the public releases or synthetic.
 
-Four datasets (tasks and metrics in PAPER.md): prostate and openkbp (planning CT -> dose + ROI
-masks), ham10000 (dermoscopy -> lesion mask + 7-class diagnosis), stoic (chest CT -> COVID +
-severity). Each lives in one HDF5 file, by default data/NAME.h5, made by one of
-
-    python data.py synth NAME [--out data/NAME.h5] [--n N] [--size S] [--seed K]   # synthetic stand-in
-    python data.py convert openkbp RAW_DIR [--shape 128]        # RAW_DIR = open-kbp's provided-data
-    python data.py convert prostate RAW_DIR --rois Bladder,Rectum,FemoralHead_L,FemoralHead_R,PTV
-    python data.py convert ham10000 RAW_DIR [--size 256x192] [--seed 0]
-    python data.py convert stoic RAW_DIR [--size 128] [--seed 0]
-    python data.py info FILE [--quick]                          # validate, print splits and balance
-
-and read with `open_dataset(path, split, dims=2, augment=False)`, a torch Dataset of dicts.
-
-HDF5 layout
------------
-File attributes:
-  dataset         str   prostate | openkbp | ham10000 | stoic
-  tasks           str   JSON {task: [kind, size]}: kind "pixel" = dense map with `size` channels,
-                        "image" = one label per case out of `size` classes
-  dims            int   3 for CT volumes, 2 for HAM10000 images (what a case is, not the model)
-  synthetic       bool  True for `synth` stand-ins, False for converted real data
-  source          str   raw folder that was converted, or "synthetic seed=K"
-  converter       str   "data.py N" (N = FORMAT_VERSION), the code that wrote the file
-  format_version  int   2 (1 stored planning volumes z last; ham10000 and stoic are unchanged)
-  created         str   UTC time of writing
-  roi_names       str   JSON list, channel order of `structures` (openkbp, prostate)
-  classes         str   JSON list, meaning of `diagnosis` (ham10000)
-Groups train, val, test. In each, row i of every array is case i (N cases, N may be 0):
-  openkbp, prostate  (Z = D = H = 128 for the real OpenKBP.) The raw CSVs index a D x H x W
-  volume whose last axis W is the axial axis z; it is stored z first, as (Z, D, H) =
-  np.moveaxis(raw, -1, -3) (`axial_first`), so that one axial slice and one whole volume are
-  both contiguous reads (format 1 stored z last: 3D reads were 2.5x slower)
-    image               (N, Z, D, H)     int16    CT in HU. OpenKBP's ct.csv holds HU + 1024 and
-                                                  omits zeros, so an absent voxel is -1024 HU and
-                                                  csv value = image + 1024 exactly
-    dose                (N, Z, D, H)     float32  Gy (dose.csv values as float32)
-    structures          (N, R, Z, D, H)  bool     channel r = roi_names[r]; all False = not contoured
-    possible_dose_mask  (N, Z, D, H)     bool
-    voxel_dimensions    (N, 3)           float64  mm per stored axis (voxel_dimensions.csv, z moved first)
-    id                  (N,)             str      patient folder, e.g. pt_1
-  ham10000  (H x W = 192 x 256 when converted with the default --size 256x192)
-    image               (N, H, W, 3)     uint8    RGB, resized bilinearly to H x W
-    segmentation        (N, H, W)        bool     lesion mask (resized bilinearly, then > 128)
-    diagnosis           (N,)             int64    index into classes (akiec bcc bkl df mel nv vasc)
-    id                  (N,)             str      image_id, e.g. ISIC_0024306
-    lesion_id           (N,)             str      the split is by lesion: no lesion in two splits
-    original_size       (N, 2)           int32    (height, width) before resizing
-  stoic  (S^3, S = 128 when converted by default; array axes z, y, x as MetaImage gives them)
-    image               (N, S, S, S)     int16    CT in HU, resized to S^3 (area-averaged where it
-                                                  shrinks, trilinear where it grows, then rounded)
-    covid, severe       (N,)             int64    0/1 from reference.csv probCOVID, probSevere
-    id                  (N,)             str      PatientID
-    voxel_dimensions    (N, 3)           float64  mm per array axis after resizing
-    original_shape      (N, 3)           int32    (z, y, x) before resizing
-    original_voxel_dimensions (N, 3)     float64  mm per array axis before resizing
-Images and volumes are stored whole (one row per case), chunked and gzip-compressed: for openkbp
-and prostate one chunk is one axial slice of one case, so a 2D reader decompresses only the slice
-it reads; for ham10000 and stoic one chunk is one case. Spatial sizes are multiples of 32. Axis 0
-of every stored volume (after the case axis, and the ROI axis of `structures`) is z.
-
-Splits: openkbp and prostate keep the challenge folders (train-pats -> train, validation-pats ->
-val, test-pats -> test); ham10000 (by lesion_id) and stoic (by patient) are split 70/10/20 with
-a seeded permutation (--seed). Synthetic files split their cases 70/10/20 as well.
-
-Items (open_dataset): "image" float32 (C, *spatial), normalised: CT = clip(HU, -1000, 1500) / 1000,
-so air is -1 and dense bone 1.5; RGB = (x / 255 - ImageNet mean) / ImageNet std. Pixel tasks are
-(n_out, *spatial): dose float32 in Gy, masks bool (a quarter of the bytes of float through the
-DataLoader; call .float() on the device, as train.py does); image tasks are int64 scalars;
-openkbp and prostate add "possible_dose_mask" bool (1, *spatial); every item has "case" (row),
-"slice" (axial index, -1 for whole cases) and "id". `dataset.case(i)` gives case i whole, in the
-stored raw units.
-
-Bringing your own prostate data (the paper's is private): write it in the OpenKBP layout,
-RAW_DIR/{train-pats,validation-pats,test-pats}/<patient>/ with ct.csv (HU + 1024), dose.csv (Gy),
-possible_dose_mask.csv, voxel_dimensions.csv (three lines, mm) and one <ROI>.csv per contoured
-ROI; value files have the header `,data` and rows `flat_index,value` for the non-zero voxels, mask
-files rows `flat_index,`; flat_index is the C-order index into the D x H x W volume (axis 2 = z).
-Then `python data.py convert prostate RAW_DIR --rois NAME1,NAME2,... --shape D,H,W`.
+`python data.py synth|convert|info ...` (see --help) writes and checks the files; `open_dataset` reads them.
+README.md ("## Data") states the layout in prose; `schema` is the same layout as code, used by the one
+writer (`_write`), the reader (`check_layout`, `H5Dataset`) and `info` (`describe`).
 """
-from __future__ import annotations
-
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 import zlib
+from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -101,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 OPENKBP_ROIS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
@@ -112,7 +38,6 @@ HU_MIN, HU_MAX, HU_SCALE = -1000.0, 1500.0, 1000.0          # CT normalisation: 
 RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
 
 
-# ----------------------------------------------------------------------------- dataset specs
 class Spec(NamedTuple):
     modality: str      # "ct": 1 channel in HU; "rgb": 3 channels uint8
     model_dims: tuple  # model dims a reader may ask for: 2 = axial slices / images, 3 = volumes
@@ -148,20 +73,35 @@ def task_spec(name: str, n_rois: int = 0) -> dict:
     return {t: (kind, n_rois if n is None else n) for t, (kind, n) in SPECS[check_name(name)].tasks.items()}
 
 
-def _schema(name: str, spatial: tuple, n_rois: int) -> dict:
-    """Per-split arrays: key -> (shape after the case axis, allowed dtypes; the first is written)."""
+# ----------------------------------------------------------------------------- the layout, as code
+ATTRS = ("dataset", "tasks", "dims", "synthetic", "source", "digest")  # + roi_names (planning), classes (ham)
+
+
+def schema(name: str, spatial: tuple, n_rois: int = 0) -> dict:
+    """The arrays of every split: key -> (shape after the case axis, dtype). Row i of each is case i."""
     s = tuple(spatial)
     if name == "ham10000":
-        return {"image": (s + (3,), ("uint8",)), "segmentation": (s, ("bool",)),
-                "diagnosis": ((), ("int64",)), "id": ((), ("str",)), "lesion_id": ((), ("str",)),
-                "original_size": ((2,), ("int32",))}
+        return {"image": (s + (3,), "uint8"), "segmentation": (s, "bool"), "diagnosis": ((), "int64"),
+                "id": ((), "str"), "lesion_id": ((), "str"), "original_size": ((2,), "int32")}
     if name == "stoic":
-        return {"image": (s, ("int16", "float32")), "covid": ((), ("int64",)), "severe": ((), ("int64",)),
-                "id": ((), ("str",)), "voxel_dimensions": ((3,), ("float64",)),
-                "original_shape": ((3,), ("int32",)), "original_voxel_dimensions": ((3,), ("float64",))}
-    return {"image": (s, ("int16", "float32")), "dose": (s, ("float32",)),
-            "structures": ((n_rois,) + s, ("bool",)), "possible_dose_mask": (s, ("bool",)),
-            "voxel_dimensions": ((3,), ("float64",)), "id": ((), ("str",))}
+        return {"image": (s, "int16"), "covid": ((), "int64"), "severe": ((), "int64"), "id": ((), "str"),
+                "voxel_dimensions": ((3,), "float64"), "original_shape": ((3,), "int32"),
+                "original_voxel_dimensions": ((3,), "float64")}
+    return {"image": (s, "int16"), "dose": (s, "float32"), "structures": ((n_rois,) + s, "bool"),
+            "possible_dose_mask": (s, "bool"), "voxel_dimensions": ((3,), "float64"), "id": ((), "str")}
+
+
+class _Digest:
+    """sha256 of a file's content: dataset, tasks, ROIs, then per split its size and every value as stored,
+    case by case in schema order. The writer and `describe` feed it in the same order."""
+
+    def __init__(self, name, rois):
+        self.h = hashlib.sha256(json.dumps([name, task_spec(name, len(rois)), list(rois)]).encode())
+
+    def add(self, label: str, value, dtype: str = "str"):
+        data = str(value).encode() if dtype == "str" else np.asarray(value, dtype).tobytes()
+        self.h.update(f"{label}:{len(data)}:".encode())
+        self.h.update(data)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -188,115 +128,81 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# ----------------------------------------------------------------------------- MetaImage reader
-_MET_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2",
-              "MET_INT": "i4", "MET_UINT": "u4", "MET_LONG": "i4", "MET_ULONG": "u4",
-              "MET_LONG_LONG": "i8", "MET_ULONG_LONG": "u8", "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
+def _check_out(out: Path, overwrite: bool):
+    """Refuse to replace an existing file unless asked to."""
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, "
+                        "or choose another --out")
 
 
-def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a MetaImage (.mha with LOCAL data, or .mhd + external .raw/.zraw; zlib if
-    CompressedData = True) with numpy + zlib. Returns (array, spacing): the array with axes
-    reversed from DimSize (z, y, x for 3D), spacing in mm in the same axis order. Orientation
-    (TransformMatrix, Offset) is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found: expected a MetaImage .mha or .mhd file")
-    header = {}
-    with open(path, "rb") as fh:
-        while True:
-            line = fh.readline()
-            if not line:
-                raise DataError(f"{path}: MetaImage header has no ElementDataFile line: not a MetaImage file")
-            key, sep, value = line.decode("latin-1").partition("=")
-            if sep:
-                header[key.strip()] = value.strip()
-                if key.strip() == "ElementDataFile":
-                    break
-        raw = fh.read() if header["ElementDataFile"] == "LOCAL" else None
-    try:
-        shape = [int(v) for v in header["DimSize"].split()]
-        etype = header["ElementType"]
-    except (KeyError, ValueError) as e:
-        raise DataError(f"{path}: MetaImage header lacks a valid DimSize or ElementType ({_first_line(e)})")
-    if etype not in _MET_TYPES:
-        raise DataError(f"{path}: unsupported ElementType {etype}: expected one of {', '.join(_MET_TYPES)}")
-    if int(header.get("ElementNumberOfChannels", 1)) != 1:
-        raise DataError(f"{path}: multi-channel MetaImage is not supported: store one channel per file")
-    msb = header.get("BinaryDataByteOrderMSB", header.get("ElementByteOrderMSB", "False")).lower() == "true"
-    dtype = np.dtype(_MET_TYPES[etype]).newbyteorder(">" if msb else "<")
-    if raw is None:
-        name = header["ElementDataFile"]
-        if name.startswith("LIST") or "%" in name:
-            raise DataError(f"{path}: ElementDataFile {name!r} (one file per slice) is not supported: "
-                            "resave as a single .mha")
-        data_path = path.parent / name
-        if not data_path.is_file():
-            raise DataError(f"{path}: its data file {data_path} is missing: put it next to the header")
-        raw = data_path.read_bytes()
-    nbytes = math.prod(shape) * dtype.itemsize
-    if header.get("CompressedData", "False").lower() == "true":
-        try:
-            raw = zlib.decompress(raw, 47)  # 32 + 15: zlib or gzip stream
-        except zlib.error as e:
-            raise DataError(f"{path}: corrupt zlib data ({e}): re-export the image")
-    else:
-        header_size = int(header.get("HeaderSize", 0))
-        raw = raw[len(raw) - nbytes:] if header_size == -1 else raw[header_size:]
-    if len(raw) != nbytes:
-        raise DataError(f"{path}: {len(raw)} data bytes, expected {nbytes} for DimSize {shape} "
-                        f"of {etype}: the file is truncated or the header is wrong")
-    spacing = header.get("ElementSpacing", header.get("ElementSize", " ".join(["1"] * len(shape))))
-    spacing = np.array([float(v) for v in spacing.split()][::-1], dtype=np.float64)
-    array = np.frombuffer(raw, dtype).reshape(shape[::-1]).astype(dtype.newbyteorder("="))
-    return array, spacing
-
-
-# ----------------------------------------------------------------------------- HDF5 writing
+# ----------------------------------------------------------------------------- the one writer
 @contextmanager
-def _atomic_h5(out):
-    """Open a temporary HDF5 file next to `out`; rename it to `out` only if the block succeeds."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+def _deferred_sigint():
+    """Ctrl-C only sets a flag, checked between cases: KeyboardInterrupt is then raised from ordinary code,
+    never inside an h5py or weakref callback (where Python prints "Exception ignored" and goes on)."""
+    stop, main = [], threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True)) if main else None
     try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        yield stop
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
-def _write_attrs(f, name, rois=(), synthetic=False, source=""):
-    """File attributes of the layout (see the module docstring)."""
-    f.attrs.update(dataset=name, tasks=json.dumps(task_spec(name, len(rois))),
-                   dims=2 if SPECS[name].modality == "rgb" else 3, synthetic=bool(synthetic),
-                   source=str(source), converter=f"data.py {FORMAT_VERSION}", format_version=FORMAT_VERSION,
-                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    if name in PLANNING:
-        f.attrs["roi_names"] = json.dumps(list(rois))
-    if name == "ham10000":
-        f.attrs["classes"] = json.dumps(list(HAM_CLASSES))
+def _write(out, name, splits: dict, spatial, rois=(), source="", synthetic=False, overwrite=False, log=None):
+    """Write {split: (n, n case dicts)} to `out` (progress lines on `log`): into a temporary file next to it,
+    renamed over it only when complete, computing the digest on the way. An error or Ctrl-C leaves nothing."""
+    out, keys, digest = Path(out), schema(name, spatial, len(rois)), _Digest(name, rois)
+    _check_out(out, overwrite)
+    new_dirs, tmp = [p for p in out.parents if not p.exists()], out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    total, done, start, shown = sum(n for n, _ in splits.values()), 0, time.monotonic(), time.monotonic()
+    with _deferred_sigint() as stop:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with h5py.File(tmp, "w") as f:
+                for split in SPLITS:
+                    n, cases = splits[split]
+                    g = f.create_group(split)
+                    for key, (tail, dtype) in keys.items():
+                        _create(g, key, (n,) + tail, dtype, name in PLANNING)
+                    digest.add(split, n, "int64")
+                    for i, case in enumerate(cases):
+                        for key, (_, dtype) in keys.items():
+                            g[key][i] = value = case[key] if dtype == "str" else np.asarray(case[key], dtype)
+                            digest.add(key, value, dtype)
+                        done += 1
+                        if log and (time.monotonic() - shown > 10 or done == total):  # every 10 s, and at the end
+                            elapsed, shown = time.monotonic() - start, time.monotonic()
+                            print(f"{out.name}: {done}/{total} cases, {elapsed:.0f}s elapsed, "
+                                  f"ETA {elapsed / done * (total - done):.0f}s", file=log, flush=True)
+                        if stop:
+                            raise KeyboardInterrupt
+                f.attrs.update(dataset=name, tasks=json.dumps(task_spec(name, len(rois))), source=str(source),
+                               dims=2 if name == "ham10000" else 3, synthetic=bool(synthetic),
+                               digest=digest.h.hexdigest())
+                f.attrs.update({"roi_names": json.dumps(list(rois))} if name in PLANNING else {})
+                f.attrs.update({"classes": json.dumps(HAM_CLASSES)} if name == "ham10000" else {})
+            if stop:
+                raise KeyboardInterrupt
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            for d in new_dirs:  # innermost first: only folders this call made, and only if still empty
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+            raise
+    return out
 
 
-def _create_split(f, split, n, name, spatial, n_rois=0):
-    """Preallocate one split (chunked, compressed), so cases can be written one at a time."""
-    g = f.create_group(split)
-    for key, (tail, dtypes) in _schema(name, spatial, n_rois).items():
-        dtype = h5py.string_dtype() if dtypes[0] == "str" else np.dtype(dtypes[0])
-        if len(tail) < 2:
-            g.create_dataset(key, shape=(n,) + tail, dtype=dtype)
-            continue
-        chunks = (1,) + tail[:-3] + (1,) + tail[-2:] if name in PLANNING else (1,) + tail  # one axial slice
-        g.create_dataset(key, shape=(n,) + tail, maxshape=(None,) + tail, dtype=dtype, chunks=chunks,
-                         compression="gzip", compression_opts=4, shuffle=dtype.itemsize > 1)
-    return g
-
-
-def _write_case(group, i, case: dict):
-    for key, value in case.items():
-        group[key][i] = value
+def _create(g, key, shape, dtype, planning):
+    """One dataset; images chunked by axial slice (planning) or by case, gzip-compressed: readers
+    decompress only what they read."""
+    dtype = h5py.string_dtype() if dtype == "str" else np.dtype(dtype)
+    if len(shape) < 3:
+        return g.create_dataset(key, shape=shape, dtype=dtype)
+    chunks = (1,) * (len(shape) - 2) + shape[-2:] if planning else (1,) + shape[1:]
+    return g.create_dataset(key, shape=shape, maxshape=(None,) + shape[1:], dtype=dtype, chunks=chunks,
+                            compression="gzip", compression_opts=4, shuffle=dtype.itemsize > 1)  # maxshape: n may be 0
 
 
 def _split_counts(n, fractions=SPLIT_FRACTIONS):
@@ -311,69 +217,87 @@ def _seeded_split(keys, seed):
     """{key: split} from a seeded permutation of the sorted unique keys, 70/10/20."""
     keys = sorted(set(keys))
     order = np.random.default_rng(seed).permutation(len(keys))
-    counts = _split_counts(len(keys))
-    bounds = np.cumsum(counts)
+    bounds = np.cumsum(_split_counts(len(keys)))
     return {keys[j]: SPLITS[int(np.searchsorted(bounds, rank, side="right"))] for rank, j in enumerate(order)}
 
 
-class _Progress:
-    """A line on stderr every `every` items and at the end: count, elapsed time, ETA."""
-
-    def __init__(self, total, label, every=10, stream=None):
-        self.total, self.label, self.every, self.done = total, label, every, 0
-        self.stream, self.start = stream if stream is not None else sys.stderr, time.monotonic()
-
-    def step(self):
-        self.done += 1
-        if self.done % self.every == 0 or self.done == self.total:
-            elapsed = time.monotonic() - self.start
-            eta = elapsed / self.done * (self.total - self.done)
-            print(f"{self.label}: {self.done}/{self.total}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s",
-                  file=self.stream, flush=True)
+# ----------------------------------------------------------------------------- raw readers
+_MET_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2", "MET_INT": "i4",
+              "MET_UINT": "u4", "MET_LONG": "i4", "MET_ULONG": "u4", "MET_LONG_LONG": "i8", "MET_ULONG_LONG": "u8",
+              "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
 
 
-# ----------------------------------------------------------------------------- converters
-OPENKBP_SPLITS = {"train": "train-pats", "val": "validation-pats", "test": "test-pats"}
-OPENKBP_FILES = ("ct.csv", "dose.csv", "possible_dose_mask.csv", "voxel_dimensions.csv")
+def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
+    """A MetaImage (.mha, or .mhd + .raw/.zraw; zlib if CompressedData) as (array with axes reversed from
+    DimSize, i.e. z, y, x; spacing in mm in the same order). Orientation is ignored."""
+    path, header = Path(path), {}
+    if not path.is_file():
+        raise DataError(f"{path} not found: expected a MetaImage .mha or .mhd file")
+    with open(path, "rb") as fh:
+        while "ElementDataFile" not in header:
+            key, sep, value = fh.readline().decode("latin-1").partition("=")
+            if not key:
+                raise DataError(f"{path}: MetaImage header has no ElementDataFile line: not a MetaImage file")
+            header.update({key.strip(): value.strip()} if sep else {})
+        raw = fh.read() if header["ElementDataFile"] == "LOCAL" else None
 
+    def numbers(key, n=None, kind=int, default=None):
+        text = header.get(key, default)
+        try:
+            values = [kind(v) for v in text.split()]
+        except (AttributeError, ValueError):
+            values = []
+        if not values or len(values) != (n or len(values)):
+            raise DataError(f"{path}: MetaImage header key {key} is {'missing' if text is None else repr(text)}, "
+                            f"expected {n or 'some'} number{'' if n == 1 else 's'} separated by spaces")
+        return values
 
-def _natural_key(path: Path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
-
-
-def _shape3(shape) -> tuple:
-    """128 or "128" or "128,128,96" -> (D, H, W), each a multiple of 32."""
-    try:
-        dims = [int(v) for v in str(shape).split(",")] if isinstance(shape, (str, int)) else [int(v) for v in shape]
-    except ValueError:
-        raise DataError(f"bad shape {shape!r}: give one integer or D,H,W, e.g. 128 or 128,128,96")
-    dims = dims * 3 if len(dims) == 1 else dims
-    if len(dims) != 3 or any(d <= 0 or d % 32 for d in dims):
-        raise DataError(f"bad shape {shape!r}: need three positive multiples of 32 (models downsample by 32); "
-                        "pad or crop the volumes before converting")
-    return tuple(dims)
+    shape = numbers("DimSize", numbers("NDims", 1)[0] if "NDims" in header else None)
+    spacing = numbers("ElementSpacing", len(shape), float, header.get("ElementSize", "1 " * len(shape)))
+    etype, name = header.get("ElementType"), header["ElementDataFile"]
+    if etype not in _MET_TYPES or numbers("ElementNumberOfChannels", 1, default="1") != [1]:
+        raise DataError(f"{path}: MetaImage of {etype} x {header.get('ElementNumberOfChannels', 1)} channels is not "
+                        f"supported: expected one channel of {', '.join(_MET_TYPES)}")
+    msb = header.get("BinaryDataByteOrderMSB", header.get("ElementByteOrderMSB", "False")).lower() == "true"
+    dtype = np.dtype(_MET_TYPES[etype]).newbyteorder(">" if msb else "<")
+    if raw is None and not (path.parent / name).is_file():
+        raise DataError(f"{path}: its data file {path.parent / name} is missing (one file per slice is not "
+                        "supported): put it next to the header")
+    raw = raw if raw is not None else (path.parent / name).read_bytes()
+    nbytes = math.prod(shape) * dtype.itemsize
+    if header.get("CompressedData", "False").lower() == "true":
+        try:
+            raw = zlib.decompress(raw, 47)  # 32 + 15: zlib or gzip stream
+        except zlib.error as e:
+            raise DataError(f"{path}: corrupt zlib data ({e}): re-export the image") from None
+    else:
+        skip = numbers("HeaderSize", 1, default="0")[0]
+        raw = raw[len(raw) - nbytes:] if skip == -1 else raw[skip:]
+    if len(raw) != nbytes:
+        raise DataError(f"{path}: {len(raw)} data bytes, expected {nbytes} for DimSize {shape} "
+                        f"of {etype}: the file is truncated or the header is wrong")
+    array = np.frombuffer(raw, dtype).reshape(shape[::-1]).astype(dtype.newbyteorder("="))
+    return array, np.array(spacing[::-1], dtype=np.float64)
 
 
 def read_sparse_csv(path, shape, values=True) -> np.ndarray:
-    """An OpenKBP CSV (header `,data`; rows `flat_index,value`, or `flat_index,` for masks) as a
-    dense C-order array of `shape`: float64 values, or bool for masks. Unlisted voxels are 0."""
+    """An OpenKBP CSV (header `,data`; rows `flat_index,value`, or `flat_index,` for masks) as a dense
+    C-order array of `shape`: float64 values, or bool for masks. Unlisted voxels are 0."""
     path = Path(path)
-    with open(path) as fh:
-        header = fh.readline()
-    if "data" not in header:
-        raise DataError(f"{path}: first line is {header.strip()!r}, expected the OpenKBP header ',data'")
     try:
+        with open(path) as fh:
+            header = fh.readline()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # header-only files: "input contained no data"
-            rows = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(0, 1) if values else (0,),
-                              ndmin=2, dtype=np.float64)
-    except ValueError as e:
+            rows = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(0, 1) if values else (0,), ndmin=2)
+    except ValueError as e:  # also UnicodeDecodeError
         raise DataError(f"{path}: cannot parse ({_first_line(e)}): expected rows 'flat_index,value'"
-                        + ("" if values else " or 'flat_index,'"))
+                        + ("" if values else " or 'flat_index,'")) from None
+    if "data" not in header:
+        raise DataError(f"{path}: first line is {header.strip()!r}, expected the OpenKBP header ',data'")
     if values and not np.isfinite(rows[:, 1]).all():
         raise DataError(f"{path}: NaN or inf among the values: fix the source data")
-    size = math.prod(shape)
-    index = rows[:, 0].astype(np.int64)
+    index, size = rows[:, 0].astype(np.int64), math.prod(shape)
     if len(index) and (index.min() < 0 or index.max() >= size or (index != rows[:, 0]).any()):
         raise DataError(f"{path}: flat index out of range for shape {shape} (max {rows[:, 0].max():.0f}): "
                         "pass the right --shape")
@@ -382,9 +306,17 @@ def read_sparse_csv(path, shape, values=True) -> np.ndarray:
     return dense.reshape(shape)
 
 
+def _read_image(path, mode) -> Image.Image:
+    """An image file converted to PIL `mode`, or a DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # truncated, not an image...
+        raise DataError(f"{path}: cannot decode the image ({_first_line(e)}): download it again") from None
+
+
 def axial_first(volume: np.ndarray) -> np.ndarray:
-    """(..., D, H, W) with W the axial axis z, as the OpenKBP CSVs index it -> (..., Z, D, H),
-    the stored order of the planning datasets."""
+    """(..., D, H, W) with W the axial axis z, as the OpenKBP CSVs index it -> (..., Z, D, H), as stored."""
     return np.moveaxis(volume, -1, -3)
 
 
@@ -393,105 +325,86 @@ def axial_slice(k: int) -> tuple:
     return (Ellipsis, k, slice(None), slice(None))
 
 
+# ----------------------------------------------------------------------------- converters
+OPENKBP_SPLITS = {"train": "train-pats", "val": "validation-pats", "test": "test-pats"}
+OPENKBP_FILES = ("ct.csv", "dose.csv", "possible_dose_mask.csv", "voxel_dimensions.csv")
+HAM_IMAGE_DIRS = "HAM10000_images_part1/ and _part2/ (Kaggle: ham10000_images_part_1/ and _part_2/)"
+HAM_MASK_DIR = "HAM10000_segmentations_lesion_tschandl"
+HAM_METADATA = "HAM10000_metadata.csv"
+
+
+def _sizes(text, n, example) -> tuple:
+    """"128", "128,128,96", "256x192" or a sequence -> n positive multiples of 32 (one value is repeated)."""
+    try:
+        dims = [int(v) for v in (re.split(r"[,x]", str(text).lower()) if isinstance(text, (str, int)) else text)]
+    except (ValueError, TypeError):
+        dims = []
+    dims = dims * n if len(dims) == 1 else dims
+    if len(dims) != n or any(d <= 0 or d % 32 for d in dims):
+        raise DataError(f"bad size {text!r}: need {n} positive multiples of 32 (models downsample by 32), "
+                        f"e.g. {example}; pad or crop the volumes before converting")
+    return tuple(dims)
+
+
 def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> dict:
-    """One OpenKBP-layout patient folder (volumes of `shape` = (D, H, W), W = z) as the arrays
-    of one case of the layout (z first)."""
+    """One OpenKBP-layout patient folder (volumes of `shape` = (D, H, W), W = z) as one stored case (z first)."""
     folder = Path(folder)
     raw_ct = read_sparse_csv(folder / "ct.csv", shape)
     if (raw_ct != np.round(raw_ct)).any() or raw_ct.max(initial=0) > 32767 + 1024 or raw_ct.min(initial=0) < 0:
         raise DataError(f"{folder / 'ct.csv'}: values must be integers in 0..33791 (HU + 1024); "
                         "data.py stores CT as int16 HU")
     try:
-        voxel = np.loadtxt(folder / "voxel_dimensions.csv", dtype=np.float64, ndmin=1)
+        voxel = np.loadtxt(folder / "voxel_dimensions.csv", ndmin=1)
     except ValueError as e:
-        raise DataError(f"{folder / 'voxel_dimensions.csv'}: cannot parse ({_first_line(e)}): expected 3 numbers (mm)")
-    if voxel.shape != (3,):
-        raise DataError(f"{folder / 'voxel_dimensions.csv'}: expected 3 numbers (mm), got {voxel.size}")
+        voxel = _first_line(e)
+    if np.shape(voxel) != (3,):
+        raise DataError(f"{folder / 'voxel_dimensions.csv'}: expected 3 numbers (mm), one a line: got {voxel}")
     structures = np.zeros((len(rois),) + tuple(shape), bool)
     for r, roi in enumerate(rois):
         if (folder / f"{roi}.csv").is_file():
             structures[r] = read_sparse_csv(folder / f"{roi}.csv", shape, values=False)
-    return {"image": axial_first((raw_ct - 1024).astype(np.int16)),
-            "dose": axial_first(read_sparse_csv(folder / "dose.csv", shape).astype(np.float32)),
-            "structures": axial_first(structures),
-            "possible_dose_mask": axial_first(read_sparse_csv(folder / "possible_dose_mask.csv", shape, values=False)),
-            "voxel_dimensions": voxel[[2, 0, 1]], "id": folder.name}  # mm per (Z, D, H)
+    return {"image": axial_first(raw_ct - 1024), "dose": axial_first(read_sparse_csv(folder / "dose.csv", shape)),
+            "structures": axial_first(structures), "id": folder.name, "voxel_dimensions": voxel[[2, 0, 1]],
+            "possible_dose_mask": axial_first(read_sparse_csv(folder / "possible_dose_mask.csv", shape, False))}
 
 
-def _openkbp_patients(raw_dir: Path, rois) -> tuple[dict, set]:
-    """{split: [patient folders]} after checking that every required file exists, and the CSV
-    names found that are neither required nor in `rois` (ROIs that will be left out)."""
-    missing_dirs = [d for d in OPENKBP_SPLITS.values() if not (raw_dir / d).is_dir()]
-    if missing_dirs:
-        raise DataError(f"{raw_dir} lacks {', '.join(d + '/' for d in missing_dirs)}: point RAW_DIR at a folder "
-                        "holding train-pats/, validation-pats/ and test-pats/ (open-kbp's provided-data)")
-    patients, lacking, extra = {}, [], set()
-    for split, sub in OPENKBP_SPLITS.items():
-        patients[split] = sorted((p for p in (raw_dir / sub).iterdir() if p.is_dir()), key=_natural_key)
-        for p in patients[split]:
-            names = {c.name for c in p.glob("*.csv")}
-            gone = [f for f in OPENKBP_FILES if f not in names]
-            if gone:
-                lacking.append(f"{p} lacks {', '.join(gone)}")
-            extra |= {n[:-4] for n in names} - {f[:-4] for f in OPENKBP_FILES} - set(rois)
+def _openkbp_raw(raw_dir: Path, rois, shape):
+    """Checked OpenKBP-layout folder -> ({split: (n, cases)}, a note on ROI files left out)."""
+    lacking, extra = [d + "/" for d in OPENKBP_SPLITS.values() if not (raw_dir / d).is_dir()], set()
+    if lacking:
+        raise DataError(f"{raw_dir} lacks {', '.join(lacking)}: point RAW_DIR at a folder holding train-pats/, "
+                        "validation-pats/ and test-pats/ (open-kbp's provided-data)")
+    natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731, pt_2 < pt_10
+    patients = {s: sorted((p for p in (raw_dir / d).iterdir() if p.is_dir()), key=natural)
+                for s, d in OPENKBP_SPLITS.items()}
+    for p in (p for ps in patients.values() for p in ps):
+        names = {c.name for c in p.glob("*.csv")}
+        gone = [f for f in OPENKBP_FILES if f not in names]
+        lacking += [f"{p} lacks {', '.join(gone)}"] if gone else []
+        extra |= {n[:-4] for n in names} - {f[:-4] for f in OPENKBP_FILES} - set(rois)
     if lacking:
         more = f" (and {len(lacking) - 1} more patients)" if len(lacking) > 1 else ""
         raise DataError(f"{lacking[0]}{more}: every patient folder needs {', '.join(OPENKBP_FILES)}")
     if not any(patients.values()):
         raise DataError(f"{raw_dir}: no patient folders under {', '.join(OPENKBP_SPLITS.values())}")
-    return patients, extra
+    note = extra and f"note: ignored ROI files {', '.join(sorted(extra))} (add them to --rois to keep them)"
+    return {s: (len(ps), (read_openkbp_patient(p, shape, rois) for p in ps)) for s, ps in patients.items()}, note
 
 
-def convert_openkbp(raw_dir, out, name="openkbp", rois=None, shape=128, log=None) -> Path:
-    """OpenKBP-layout CSV folders (openkbp, or prostate with its own `rois`) -> HDF5, patient by
-    patient into preallocated datasets, so memory stays at a few patients' worth."""
-    raw_dir, rois, shape = Path(raw_dir), tuple(rois or SPECS[name].rois), _shape3(shape)
-    log = log if log is not None else sys.stderr
-    patients, extra = _openkbp_patients(raw_dir, rois)
-    progress = _Progress(sum(map(len, patients.values())), f"convert {name}", stream=log)
-    with _atomic_h5(out) as f:
-        _write_attrs(f, name, rois, synthetic=False, source=raw_dir.resolve())
-        for split, folders in patients.items():
-            stored = axial_first(np.empty(shape, bool)).shape  # (Z, D, H)
-            g = _create_split(f, split, len(folders), name, stored, len(rois))
-            for i, folder in enumerate(folders):
-                _write_case(g, i, read_openkbp_patient(folder, shape, rois))
-                progress.step()
-    if extra:
-        print(f"note: ignored ROI files {', '.join(sorted(extra))} (add them to --rois to keep them)", file=log)
-    return Path(out)
-
-
-HAM_MASK_DIR = "HAM10000_segmentations_lesion_tschandl"
-HAM_METADATA = "HAM10000_metadata.csv"
-
-
-def _parse_size2(size) -> tuple:
-    """"256x192" (width x height, as PIL) or (256, 192) -> (height, width), multiples of 32."""
-    try:
-        w, h = (int(v) for v in (size.lower().split("x") if isinstance(size, str) else size))
-    except ValueError:
-        raise DataError(f"bad size {size!r}: give WIDTHxHEIGHT, e.g. 256x192")
-    if w <= 0 or h <= 0 or w % 32 or h % 32:
-        raise DataError(f"bad size {size!r}: width and height must be positive multiples of 32, e.g. 256x192")
-    return h, w
-
-
-def convert_ham10000(raw_dir, out, size="256x192", seed=0, log=None) -> Path:
-    """HAM10000 release (images, metadata CSV, Tschandl lesion masks) -> HDF5 at a fixed size,
-    split 70/10/20 by lesion_id with a seeded permutation."""
-    raw_dir, (height, width) = Path(raw_dir), _parse_size2(size)
-    log = log if log is not None else sys.stderr
-    image_dirs = sorted(d for d in raw_dir.glob("HAM10000_images*") if d.is_dir())
-    present = {HAM_METADATA: (raw_dir / HAM_METADATA).is_file(),
-               "HAM10000_images_part1/, HAM10000_images_part2/": bool(image_dirs),
-               HAM_MASK_DIR + "/": (raw_dir / HAM_MASK_DIR).is_dir()}
-    gone = [name for name, ok in present.items() if not ok]
+def _ham_raw(raw_dir: Path, size, seed):
+    """Checked HAM10000 release -> {split: (n, cases)} resized to `size` (H, W), split 70/10/20 by lesion_id."""
+    image_dirs = [d for d in sorted(raw_dir.iterdir())
+                  if d.is_dir() and re.fullmatch(r"ham10000_images_part_?[12]", d.name.lower())]
+    gone = [name for name, ok in ((HAM_METADATA, (raw_dir / HAM_METADATA).is_file()), (HAM_IMAGE_DIRS, image_dirs),
+                                  (HAM_MASK_DIR + "/", (raw_dir / HAM_MASK_DIR).is_dir())) if not ok]
     if gone:
         raise DataError(f"{raw_dir} lacks {', '.join(gone)}: point RAW_DIR at the unpacked HAM10000 release "
                         "plus its lesion segmentations")
-    with open(raw_dir / HAM_METADATA, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(raw_dir / HAM_METADATA, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (ValueError, csv.Error) as e:
+        raise DataError(f"{raw_dir / HAM_METADATA}: cannot parse ({_first_line(e)}): download it again") from None
     if not rows or not {"lesion_id", "image_id", "dx"} <= set(rows[0]):
         raise DataError(f"{raw_dir / HAM_METADATA}: needs a header with lesion_id, image_id, dx and data rows")
     bad = sorted({r["dx"] for r in rows} - set(HAM_CLASSES))
@@ -502,57 +415,38 @@ def convert_ham10000(raw_dir, out, size="256x192", seed=0, log=None) -> Path:
     lacking = [f"{r['image_id']}.jpg" for r in rows if r["image_id"] not in images] \
         + [m.name for m in masks.values() if not m.is_file()]
     if lacking:
-        raise DataError(f"{raw_dir}: {len(lacking)} files listed in {HAM_METADATA} are missing "
-                        f"(first: {', '.join(lacking[:3])}): unpack all image parts and the masks")
+        raise DataError(f"{raw_dir}: {len(lacking)} files listed in {HAM_METADATA} are missing (first: "
+                        f"{', '.join(lacking[:3])}; images read from {', '.join(d.name + '/' for d in image_dirs)}): "
+                        f"unpack both image parts, {HAM_IMAGE_DIRS}, and {HAM_MASK_DIR}/")
+
+    def case(r):
+        rgb, mask = _read_image(images[r["image_id"]], "RGB"), _read_image(masks[r["image_id"]], "L")
+        original = (rgb.height, rgb.width)
+        rgb, mask = (im if im.size == size[::-1] else im.resize(size[::-1], Image.Resampling.BILINEAR)
+                     for im in (rgb, mask))
+        return {"image": np.asarray(rgb), "segmentation": np.asarray(mask) > 128, "id": r["image_id"],
+                "lesion_id": r["lesion_id"], "diagnosis": HAM_CLASSES.index(r["dx"]), "original_size": original}
+
     split_of = _seeded_split([r["lesion_id"] for r in rows], seed)
-    progress = _Progress(len(rows), "convert ham10000", every=500, stream=log)
-    with _atomic_h5(out) as f:
-        _write_attrs(f, "ham10000", synthetic=False, source=raw_dir.resolve())
-        for split in SPLITS:
-            chosen = sorted((r for r in rows if split_of[r["lesion_id"]] == split), key=lambda r: r["image_id"])
-            g = _create_split(f, split, len(chosen), "ham10000", (height, width))
-            for i, r in enumerate(chosen):
-                with Image.open(images[r["image_id"]]) as im:
-                    rgb = im.convert("RGB")
-                with Image.open(masks[r["image_id"]]) as m:
-                    mask = m.convert("L")
-                original = (rgb.height, rgb.width)
-                if original != (height, width):
-                    rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-                if mask.size != (width, height):
-                    mask = mask.resize((width, height), Image.Resampling.BILINEAR)
-                _write_case(g, i, {"image": np.asarray(rgb), "segmentation": np.asarray(mask) > 128,
-                                   "diagnosis": HAM_CLASSES.index(r["dx"]), "id": r["image_id"],
-                                   "lesion_id": r["lesion_id"], "original_size": original})
-                progress.step()
-    return Path(out)
+    rows = sorted(rows, key=lambda r: r["image_id"])
+    chosen = {s: [r for r in rows if split_of[r["lesion_id"]] == s] for s in SPLITS}
+    return {s: (len(rs), map(case, rs)) for s, rs in chosen.items()}
 
 
 def resize_volume(volume: np.ndarray, shape) -> np.ndarray:
-    """float32 volume resized to `shape`: area averaging along axes that shrink (no aliasing),
-    then trilinear along axes that grow; unchanged values when the shape already matches."""
-    volume = np.asarray(volume, np.float32)
-    shape = tuple(shape)
-    if volume.shape == shape:
-        return volume
-    t = torch.from_numpy(volume)[None, None]
+    """float32 volume resized to `shape`: area averaging along axes that shrink (no aliasing), then
+    trilinear along axes that grow; unchanged values when the shape already matches."""
+    volume, shape = np.asarray(volume, np.float32), tuple(shape)
     smaller = tuple(min(a, b) for a, b in zip(volume.shape, shape))
-    if smaller != volume.shape:
-        t = F.adaptive_avg_pool3d(t, smaller)
-    if smaller != shape:
-        t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)
+    t = torch.from_numpy(volume)[None, None]
+    t = F.adaptive_avg_pool3d(t, smaller) if smaller != volume.shape else t
+    t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False) if smaller != shape else t
     return t[0, 0].numpy()
 
 
-def convert_stoic(raw_dir, out, size=128, seed=0, log=None) -> Path:
-    """STOIC 2021 (data/mha/<PatientID>.mha or .mhd, metadata/reference.csv) -> HDF5 with every
-    scan resized to size^3 (int16 HU), split 70/10/20 by a seeded permutation of patients."""
-    raw_dir = Path(raw_dir)
-    log = log if log is not None else sys.stderr
-    side = int(size) if str(size).isdigit() else 0
-    if side <= 0 or side % 32:
-        raise DataError(f"bad size {size!r}: give one positive multiple of 32 (cube side), e.g. 128")
-    shape = (side,) * 3
+def _stoic_raw(raw_dir: Path, shape, seed):
+    """Checked STOIC 2021 folder -> {split: (n, cases)}: scans resized to `shape` (int16 HU), split 70/10/20
+    by patient."""
     reference, scan_dir = raw_dir / "metadata" / "reference.csv", raw_dir / "data" / "mha"
     gone = [str(p.relative_to(raw_dir)) for p in (reference, scan_dir) if not p.exists()]
     if gone:
@@ -562,62 +456,58 @@ def convert_stoic(raw_dir, out, size=128, seed=0, log=None) -> Path:
         rows = list(csv.DictReader(fh))
     if not rows or not {"PatientID", "probCOVID", "probSevere"} <= set(rows[0]):
         raise DataError(f"{reference}: needs a header with PatientID, probCOVID, probSevere and data rows")
-    scans = {}
-    for r in rows:
-        found = [scan_dir / f"{r['PatientID']}{ext}" for ext in (".mha", ".mhd")]
-        scans[r["PatientID"]] = next((p for p in found if p.is_file()), None)
+    scans = {r["PatientID"]: next((p for p in (scan_dir / f"{r['PatientID']}{e}" for e in (".mha", ".mhd"))
+                                   if p.is_file()), None) for r in rows}
     lacking = [f"{pid}.mha" for pid, p in scans.items() if p is None]
     if lacking:
         raise DataError(f"{scan_dir}: {len(lacking)} scans listed in reference.csv are missing "
                         f"(first: {', '.join(lacking[:3])}): download all of data/mha")
+    wrong = [f"{key} of {r['PatientID']} is {r[key]!r}" for r in rows for key in ("probCOVID", "probSevere")
+             if r[key].strip() not in ("0", "1", "0.0", "1.0")]
+    if wrong:
+        raise DataError(f"{reference}: {wrong[0]}, expected 0 or 1")
+    labels = {r["PatientID"]: {"covid": int(float(r["probCOVID"])), "severe": int(float(r["probSevere"]))}
+              for r in rows}
 
-    def label(r, key):
-        value = r[key].strip()
-        if value not in ("0", "1", "0.0", "1.0"):
-            raise DataError(f"{reference}: {key} of {r['PatientID']} is {r[key]}, expected 0 or 1")
-        return int(float(value))
+    def case(pid):
+        volume, spacing = read_metaimage(scans[pid])
+        if volume.ndim != 3 or (volume.dtype.kind == "f" and not np.isfinite(volume).all()):
+            raise DataError(f"{scans[pid]}: a {volume.ndim}D image, or NaN or inf in it: expected a finite 3D CT")
+        return {"image": np.clip(np.rint(resize_volume(volume, shape)), -32768, 32767), **labels[pid], "id": pid,
+                "original_shape": volume.shape, "original_voxel_dimensions": spacing,
+                "voxel_dimensions": spacing * volume.shape / np.array(shape)}
 
-    labels = {r["PatientID"]: {"covid": label(r, "probCOVID"), "severe": label(r, "probSevere")} for r in rows}
     split_of = _seeded_split(list(scans), seed)
-    progress = _Progress(len(rows), "convert stoic", every=20, stream=log)
-    with _atomic_h5(out) as f:
-        _write_attrs(f, "stoic", synthetic=False, source=raw_dir.resolve())
-        for split in SPLITS:
-            chosen = sorted(pid for pid in scans if split_of[pid] == split)
-            g = _create_split(f, split, len(chosen), "stoic", shape)
-            for i, pid in enumerate(chosen):
-                volume, spacing = read_metaimage(scans[pid])
-                if volume.ndim != 3:
-                    raise DataError(f"{scans[pid]}: {volume.ndim}D image, expected a 3D CT")
-                if volume.dtype.kind == "f" and not np.isfinite(volume).all():
-                    raise DataError(f"{scans[pid]}: NaN or inf in the image: fix or drop this scan")
-                hu = np.clip(np.rint(resize_volume(volume, shape)), -32768, 32767).astype(np.int16)
-                _write_case(g, i, {"image": hu, **labels[pid], "id": pid, "original_shape": volume.shape,
-                                   "original_voxel_dimensions": spacing,
-                                   "voxel_dimensions": spacing * np.array(volume.shape) / np.array(shape)})
-                progress.step()
-    return Path(out)
+    chosen = {s: sorted(pid for pid in scans if split_of[pid] == s) for s in SPLITS}
+    return {s: (len(ids), map(case, ids)) for s, ids in chosen.items()}
 
 
-def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0, log=None) -> Path:
-    """Convert the raw public release of dataset `name` in `raw_dir` to `out` (data/NAME.h5).
-    openkbp/prostate take `shape` and `rois`; ham10000 (WIDTHxHEIGHT) and stoic (side) take
-    `size`; ham10000 and stoic take `seed` for their split."""
-    check_name(name)
-    raw_dir, out = Path(raw_dir), Path(out) if out else default_path(name)
+def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0, overwrite=False, log=None) -> Path:
+    """Convert the raw public release of dataset `name` in `raw_dir` to `out` (default data/NAME.h5).
+    openkbp/prostate take `shape` (D,H,W of the flat indices) and `rois`; ham10000 (WIDTHxHEIGHT) and stoic
+    (cube side) take `size` and `seed` (of their split). Everything is checked before anything is written."""
+    raw_dir, out, log, note = Path(raw_dir), Path(out or default_path(name)), log or sys.stderr, None
+    if name in PLANNING and size is not None:
+        raise DataError(f"--size does not apply to {name}: use --shape D,H,W (the raw volume shape)")
+    if name not in PLANNING and (shape is not None or rois):
+        raise DataError(f"--shape and --rois apply to openkbp and prostate only; {name} takes --size")
+    rois = tuple(r.strip() for r in rois.split(",") if r.strip()) if isinstance(rois, str) else tuple(rois or ())
+    rois = rois or SPECS[check_name(name)].rois
+    if name in PLANNING:
+        shape = _sizes(shape or 128, 3, "128 or 128,128,96")
+    spatial = _sizes(size or "256x192", 2, "256x192")[::-1] if name == "ham10000" else _sizes(size or 128, 3, "128")
+    _check_out(out, overwrite)
     if not raw_dir.is_dir():
         raise DataError(f"raw folder {raw_dir} not found: pass the folder of the unpacked {name} release")
     if name in PLANNING:
-        if size is not None:
-            raise DataError(f"--size does not apply to {name}: use --shape D,H,W (the raw volume shape)")
-        if isinstance(rois, str):
-            rois = [r.strip() for r in rois.split(",") if r.strip()]
-        return convert_openkbp(raw_dir, out, name, rois=rois, shape=shape or 128, log=log)
-    if shape is not None or rois:
-        raise DataError(f"--shape and --rois apply to openkbp and prostate only; {name} takes --size")
-    if name == "ham10000":
-        return convert_ham10000(raw_dir, out, size=size or "256x192", seed=seed, log=log)
-    return convert_stoic(raw_dir, out, size=size or 128, seed=seed, log=log)
+        splits, note = _openkbp_raw(raw_dir, rois, shape)
+        spatial = axial_first(np.empty(shape, bool)).shape
+    else:
+        splits = (_ham_raw if name == "ham10000" else _stoic_raw)(raw_dir, spatial, seed)
+    _write(out, name, splits, spatial, rois, raw_dir.resolve(), overwrite=overwrite, log=log)
+    if note:
+        print(note, file=log)
+    return out
 
 
 # ----------------------------------------------------------------------------- synthetic stand-ins
@@ -633,72 +523,52 @@ def _ellipsoid(grid, centre, radii):
 
 
 def _distance(grid, centre):
+    """Euclidean distance to `centre` on the grid."""
     return np.sqrt(sum((x - c) ** 2 for x, c in zip(grid, centre)))
 
 
+# Synthetic anatomy on the raw axes (D, H, W), W = z, in [-1, 1]: ROI -> (centre, radii, HU); an inf radius
+# makes a cylinder along z. The PTVs are drawn per case (`_synth_plan_case`); these OARs are spared.
+_ORGANS = {
+    "openkbp": {"SpinalCord": ((0.4, 0, 0), (0.07, 0.07, np.inf), 250),
+                "Brainstem": ((0.35, 0, 0.7), (0.12, 0.12, 0.25), 200),
+                "RightParotid": ((0.05, -0.45, 0.4), (0.16, 0.1, 0.18), -150),
+                "LeftParotid": ((0.05, 0.45, 0.4), (0.16, 0.1, 0.18), -150),
+                "Esophagus": ((0.2, 0, -0.6), (0.06, 0.08, 0.5), -400),
+                "Larynx": ((-0.25, 0, -0.25), (0.12, 0.12, 0.2), -600),
+                "Mandible": ((-0.45, 0, 0.3), (0.15, 0.45, 0.12), 1200)},
+    "prostate": {"FemoralHead_R": ((0.05, -0.6, 0.1), (0.14, 0.14, 0.16), 900),
+                 "FemoralHead_L": ((0.05, 0.6, 0.1), (0.14, 0.14, 0.16), 900),
+                 "Bladder": ((-0.2, 0, 0.35), (0.2, 0.22, 0.2), -100),
+                 "Rectum": ((0.35, 0, -0.4), (0.09, 0.1, 0.6), -350)},
+}
+_SPARED = ("SpinalCord", "Brainstem", "RightParotid", "LeftParotid", "FemoralHead_R", "FemoralHead_L", "Bladder",
+           "Rectum")
+
+
 def _synth_plan_case(rng, name, size):
-    """One synthetic planning CT, built on axes (D, H, W) with W = z like the raw CSVs and returned
-    z first like a converted case. Organs are ellipsoids with distinct HU; each PTV is a sphere
-    visible as an enhancing blob; the dose is the prescription inside each PTV, falls off with
-    distance from it, is lowered in spared OARs and is zero outside the body (= possible dose mask)."""
-    g = _grid(size)
-    inf = np.inf
-
-    def j(v, s=0.04):
-        return v + rng.normal(0, s)
-
-    shape = (size,) * 3
-    body = _ellipsoid(g, (j(0), j(0), 0), (j(0.75, 0.03), j(0.65, 0.03) + (0.2 if name == "prostate" else 0), inf))
-    hu = np.where(body, 40.0, -1024.0).astype(np.float32)
-    if name == "openkbp":
-        spine = (j(0.4), j(0), 0)
-        organs = [  # (roi or None, mask, HU), painted in this order
-            (None, _ellipsoid(g, spine, (0.16, 0.16, inf)), 800),  # vertebrae
-            ("SpinalCord", _ellipsoid(g, spine, (0.07, 0.07, inf)) & (g[2] < 0.45), 250),
-            ("Brainstem", _ellipsoid(g, (j(0.35), j(0), j(0.7)), (0.12, 0.12, 0.25)), 200),
-            ("RightParotid", _ellipsoid(g, (j(0.05), j(-0.45), j(0.4)), (0.16, 0.1, 0.18)), -150),
-            ("LeftParotid", _ellipsoid(g, (j(0.05), j(0.45), j(0.4)), (0.16, 0.1, 0.18)), -150),
-            ("Esophagus", _ellipsoid(g, (j(0.2), j(0), 0), (0.06, 0.08, inf)) & (g[2] < j(-0.1)), -400),
-            ("Larynx", _ellipsoid(g, (j(-0.25), j(0), j(-0.25)), (0.12, 0.12, 0.2)), -600),
-            ("Mandible", _ellipsoid(g, (j(-0.25), j(0), j(0.3)), (0.4, 0.45, 0.12))
-             & ~_ellipsoid(g, (-0.2, 0, 0.3), (0.32, 0.37, inf)) & (g[0] < -0.2), 1200),
-        ]
-        primary = (j(-0.3, 0.1), rng.uniform(-0.3, 0.3), j(0.0, 0.15))
-        r70 = rng.uniform(0.1, 0.16)
-        targets = [("PTV56", primary, r70 + rng.uniform(0.08, 0.14), 56.0, 130), ("PTV70", primary, r70, 70.0, 320)]
-        if rng.random() < 0.6:
-            node = (j(0.0, 0.1), rng.choice([-1, 1]) * rng.uniform(0.3, 0.45), j(-0.3, 0.1))
-            targets.insert(1, ("PTV63", node, rng.uniform(0.08, 0.13), 63.0, 260))
-        spared = ("RightParotid", "LeftParotid", "SpinalCord", "Brainstem")
-    else:
-        organs = [
-            ("FemoralHead_R", _ellipsoid(g, (j(0.05), j(-0.6), j(0.1)), (0.14, 0.14, 0.16)), 900),
-            ("FemoralHead_L", _ellipsoid(g, (j(0.05), j(0.6), j(0.1)), (0.14, 0.14, 0.16)), 900),
-            ("Bladder", _ellipsoid(g, (j(-0.2), j(0), j(0.35)), (j(0.2), j(0.22), 0.2)), -100),
-            ("Rectum", _ellipsoid(g, (j(0.35), j(0), 0), (0.09, 0.1, inf)) & (g[2] < j(0.2)), -350),
-        ]
-        targets = [("PTV", (j(0.05), j(0, 0.03), j(-0.05)), rng.uniform(0.12, 0.18), 78.0, 200)]
-        spared = ("Bladder", "Rectum", "FemoralHead_R", "FemoralHead_L")
-    rois = SPECS[name].rois
+    """One planning CT built on (D, H, W) like the raw CSVs, returned z first: organs are ellipsoids of distinct HU,
+    the PTVs nested enhancing spheres; dose = prescription in each PTV, falling off outside, lower in spared OARs."""
+    g, shape, rois = _grid(size), (size,) * 3, SPECS[name].rois
+    radii = (rng.normal(0.75, 0.03), 0.65 + 0.2 * (name == "prostate"), np.inf)
+    body = np.broadcast_to(_ellipsoid(g, (*rng.normal(0, 0.04, 2), 0), radii), shape)
+    hu, dose = np.where(body, 40.0, -1024.0), np.zeros(shape)
     structures = np.zeros((len(rois),) + shape, bool)
-    for roi, mask, value in organs:
-        hu[mask & body] = value
-        if roi:
-            structures[rois.index(roi)] = mask & body
-    dose = np.zeros(shape, np.float32)
-    for roi, centre, radius, rx, value in targets:
-        d = _distance(g, centre)
-        hu[(d <= radius) & body] = value
-        structures[rois.index(roi)] = (d <= radius) & body
-        dose = np.maximum(dose, rx * np.exp(-np.maximum(d - radius, 0) / 0.4))
-    in_target = structures[[rois.index(t[0]) for t in targets]].any(0)
-    for roi in spared:
-        dose[structures[rois.index(roi)] & ~in_target] *= 0.75
-    hu[body] += rng.normal(0, 15, int(body.sum())).astype(np.float32)
+    for roi, (centre, radii, value) in _ORGANS[name].items():
+        mask = _ellipsoid(g, np.add(centre, rng.normal(0, 0.04, 3)), radii) & body
+        hu[mask], structures[rois.index(roi)] = value, mask
+    targets = sorted((float(roi[3:] or 78), roi) for roi in rois if roi.startswith("PTV"))  # (Gy, ROI), PTV = 78 Gy
+    distance, radius = _distance(g, rng.uniform(-0.3, 0.3, 3)), rng.uniform(0.1, 0.16)
+    for rx, roi in targets:  # lowest prescription first: the largest sphere, painted under the others
+        r = radius + (targets[-1][0] - rx) / 100
+        hu[(distance <= r) & body], structures[rois.index(roi)] = 10 * rx - 420, (distance <= r) & body
+        dose = np.maximum(dose, rx * np.exp(-np.maximum(distance - r, 0) / 0.4))
+    in_target = structures[[rois.index(roi) for _, roi in targets]].any(0)
+    dose[structures[[rois.index(roi) for roi in _SPARED if roi in rois]].any(0) & ~in_target] *= 0.75
+    hu[body] += rng.normal(0, 15, int(body.sum()))
     voxel = np.array([3.906, 3.906, 2.5]) * 128 / size
-    return {"image": axial_first(np.rint(hu).astype(np.int16)), "dose": axial_first((dose * body).astype(np.float32)),
-            "structures": axial_first(structures), "possible_dose_mask": axial_first(body),
-            "voxel_dimensions": voxel[[2, 0, 1]]}
+    return {"image": axial_first(np.rint(hu)), "dose": axial_first(dose * body), "structures": axial_first(structures),
+            "possible_dose_mask": axial_first(body), "voxel_dimensions": voxel[[2, 0, 1]]}
 
 
 # Lesion look per class: mean RGB, radius range (fraction of half the image), border irregularity.
@@ -734,9 +604,7 @@ def _render_lesion(rng, p, size):
 
 
 def _synth_stoic_case(rng, size, covid, severe):
-    """One synthetic chest CT, axes (z, y, x): body, two lungs, and ground-glass opacities
-    (HU -450..-200) in the lungs for COVID, more and larger when severe; some non-COVID
-    scans get a small solid nodule instead."""
+    """One chest CT (z, y, x): lungs with ground-glass opacities for COVID (more, larger when severe)."""
     _, y, x = g = _grid(size)
     hu = np.full((size,) * 3, -1000.0, np.float32)
     body = np.broadcast_to(_ellipsoid((y, x), (rng.normal(0, 0.03), 0), (0.75, 0.92)), hu.shape)
@@ -753,187 +621,168 @@ def _synth_stoic_case(rng, size, covid, severe):
     for _ in range(n):
         centre, axes = lungs[rng.integers(2)]
         direction = rng.normal(size=3)
-        point = np.array(centre) + np.array(axes) * 0.7 * rng.random() ** (1 / 3) * direction / np.linalg.norm(direction)
+        direction /= np.linalg.norm(direction)
+        point = np.array(centre) + np.array(axes) * 0.7 * rng.random() ** (1 / 3) * direction
         blob = (_distance(g, point) <= rng.uniform(*radii)) & lung
         hu[blob] = rng.uniform(*values)
     hu[body] += rng.normal(0, 20, int(body.sum())).astype(np.float32)
     return np.rint(hu).astype(np.int16)
 
 
-def synth(name, out=None, n=None, size=None, seed=0) -> Path:
-    """Write a synthetic stand-in of dataset `name` with the real layout (attr synthetic=True):
-    n cases (default 30 / 300 / 80), spatial size `size` (a multiple of 32), split 70/10/20."""
+def synth(name, out=None, n=None, size=None, seed=0, overwrite=False) -> Path:
+    """A synthetic stand-in of `name` with the real layout (synthetic=True): n cases (default 30 / 300 / 80) of
+    spatial size `size` (a multiple of 32), split 70/10/20 (ham10000: by lesion). Learnable, tasks related."""
     spec = SPECS[check_name(name)]
     n, size = spec.synth_n if n is None else int(n), spec.synth_size if size is None else int(size)
     if size <= 0 or size % 32:
         raise DataError(f"--size {size} is not a positive multiple of 32: models downsample by 32, use e.g. 64")
-    out = Path(out) if out else default_path(name)
-    rng = np.random.default_rng(seed)
-    counts = _split_counts(n)  # volumes; ham10000 splits its lesions instead
-    with _atomic_h5(out) as f:
-        _write_attrs(f, name, spec.rois, synthetic=True, source=f"synthetic seed={seed}")
-        if name == "ham10000":
-            lesions = [_synth_lesion(rng) for _ in range(max(3, round(n / 1.25)))]
-            owner = list(range(len(lesions))) + list(rng.integers(0, len(lesions), n - len(lesions)))
-            split_of = _seeded_split(range(len(lesions)), seed)
-            for split in SPLITS:
-                chosen = [k for k in owner if split_of[k] == split]
-                g = _create_split(f, split, len(chosen), name, (size, size))
-                for i, k in enumerate(chosen):
-                    image, mask = _render_lesion(rng, lesions[k], size)
-                    _write_case(g, i, {"image": image, "segmentation": mask, "diagnosis": lesions[k]["diagnosis"],
-                                       "id": f"SYN_{split}_{i:05d}", "lesion_id": f"SYN_L{k:05d}",
-                                       "original_size": (size, size)})
-            return out
-        # STOIC labels: 60 % COVID, a third of those severe, dealt so that every split of >= 5 scans
-        # holds every class (otherwise a small val/test split can lack severe cases and its AUC is NaN).
-        stoic_labels = ((0, 0), (0, 0), (1, 0), (1, 0), (1, 1))
-        for split, count in zip(SPLITS, counts):
-            g = _create_split(f, split, count, name, (size,) * 3, len(spec.rois))
-            deal = rng.permutation(count) % len(stoic_labels)
-            for i in range(count):
-                case = {"id": f"syn_{split}_{i:03d}"}
-                if name == "stoic":
-                    covid, severe = stoic_labels[deal[i]]
-                    voxel = np.full(3, 320.0 / size)
-                    case.update(image=_synth_stoic_case(rng, size, covid, severe), covid=int(covid),
-                                severe=int(severe), voxel_dimensions=voxel, original_shape=(size,) * 3,
-                                original_voxel_dimensions=voxel)
-                else:
-                    case.update(_synth_plan_case(rng, name, size))
-                _write_case(g, i, case)
-    return out
+    counts, out, rng = _split_counts(n), Path(out or default_path(name)), np.random.default_rng(seed)
+    _check_out(out, overwrite)
+    if name == "ham10000":  # several photos per lesion, no lesion in two splits
+        lesions = [_synth_lesion(rng) for _ in range(max(3, round(n / 1.25)))]
+        owner = list(range(len(lesions))) + list(rng.integers(0, len(lesions), n - len(lesions)))
+        split_of = _seeded_split(range(len(lesions)), seed)
+        chosen = {split: [k for k in owner if split_of[k] == split] for split in SPLITS}
+        counts = [len(chosen[split]) for split in SPLITS]
+    # STOIC (covid, severe): 60 % COVID, a third of those severe, dealt so that every split of >= 5 scans holds
+    # every class (otherwise a small val/test split can lack severe cases and its AUC is NaN).
+    stoic_labels = ((0, 0), (0, 0), (1, 0), (1, 0), (1, 1))
+
+    def cases(split, count):
+        deal = rng.permutation(count) % len(stoic_labels) if name == "stoic" else None
+        for i in range(count):
+            if name == "ham10000":
+                k = chosen[split][i]
+                image, mask = _render_lesion(rng, lesions[k], size)
+                yield {"image": image, "segmentation": mask, "diagnosis": lesions[k]["diagnosis"],
+                       "id": f"SYN_{split}_{i:05d}", "lesion_id": f"SYN_L{k:05d}", "original_size": (size, size)}
+            elif name == "stoic":
+                covid, severe = stoic_labels[deal[i]]
+                voxel = np.full(3, 320.0 / size)
+                yield {"image": _synth_stoic_case(rng, size, covid, severe), "covid": covid, "severe": severe,
+                       "id": f"syn_{split}_{i:03d}", "voxel_dimensions": voxel, "original_shape": (size,) * 3,
+                       "original_voxel_dimensions": voxel}
+            else:
+                yield {"id": f"syn_{split}_{i:03d}", **_synth_plan_case(rng, name, size)}
+
+    splits = {split: (count, cases(split, count)) for split, count in zip(SPLITS, counts)}
+    spatial = (size,) * (2 if name == "ham10000" else 3)
+    return _write(out, name, splits, spatial, spec.rois, f"synthetic seed={seed}", True, overwrite)
 
 
 # ----------------------------------------------------------------------------- reading
-def _open_h5(path) -> h5py.File:
+def _open_h5(path) -> tuple[h5py.File, dict]:
+    """The data.py file at `path` open for reading, with its checked layout (`check_layout`)."""
     path = Path(path)
     if not path.is_file():
-        name = path.stem if path.stem in SPECS else "NAME"
-        raise DataError(f"{path} not found: {_make_hint(name, out=path)}")
+        raise DataError(f"{path} not found: {_make_hint(path.stem if path.stem in SPECS else 'NAME', out=path)}")
     try:
-        return h5py.File(path, "r")
+        f = h5py.File(path, "r")
     except OSError as e:
-        raise DataError(f"{path} is not a readable HDF5 file ({_first_line(e)}): rebuild it with data.py synth or convert")
-
-
-def _dtype_name(ds) -> str:
-    return "str" if h5py.check_string_dtype(ds.dtype) else ds.dtype.name
+        raise DataError(f"{path} is not a readable HDF5 file ({_first_line(e)}): rebuild it with data.py synth "
+                        "or convert") from None
+    try:
+        return f, check_layout(f, path)
+    except BaseException:
+        f.close()
+        raise
 
 
 def check_layout(f: h5py.File, path) -> dict:
-    """Check the structure of an open file against the layout (attributes, groups, keys, shapes,
-    dtypes; no data read). Returns name, tasks, rois, spatial, counts, synthetic."""
+    """Check an open file's structure against `schema` (no data read): name, tasks, rois, spatial, counts,
+    synthetic, digest."""
     name = f.attrs.get("dataset")
-    if name is None:
-        raise DataError(f"{path}: no 'dataset' attribute, so not a data.py file: {_make_hint('NAME')}")
-    name = str(name)
-    if name not in SPECS:
-        raise DataError(f"{path}: unknown dataset {name!r} in its attributes: expected one of {', '.join(DATASETS)}")
-    fix = _make_hint(name, "rebuild")
-    for attr in ("tasks", "dims", "synthetic"):
+    if str(name) not in SPECS:
+        raise DataError(f"{path}: its 'dataset' attribute is {'missing' if name is None else repr(name)}, not one of "
+                        f"{', '.join(DATASETS)}: not a data.py file; {_make_hint('NAME')}")
+    name, fix = str(name), _make_hint(str(name), "rebuild", out=path)
+    for attr in ATTRS + (("roi_names",) if name in PLANNING else ()):
         if attr not in f.attrs:
             raise DataError(f"{path}: file attribute {attr!r} is missing: {fix}")
-    version = int(f.attrs.get("format_version", 1))
-    if version > FORMAT_VERSION:
-        raise DataError(f"{path}: written by a newer data.py (format {version}; this one reads {FORMAT_VERSION}): "
-                        "update data.py, or rebuild the file with this one")
-    if version < 2 and name in PLANNING:
-        raise DataError(f"{path}: format {version} stores {name} volumes z last; this data.py reads them z first "
-                        f"(format {FORMAT_VERSION}): {_make_hint(name, 'rebuild', out=path)}")
     try:
-        rois = json.loads(f.attrs["roi_names"]) if name in PLANNING and "roi_names" in f.attrs else []
+        rois = json.loads(f.attrs["roi_names"]) if name in PLANNING else []
         tasks = {t: (kind, int(n)) for t, (kind, n) in json.loads(f.attrs["tasks"]).items()}
     except (ValueError, TypeError) as e:
         raise DataError(f"{path}: attribute tasks or roi_names is not the expected JSON ({_first_line(e)}): {fix}")
     if tasks != task_spec(name, len(rois)):
-        raise DataError(f"{path}: tasks attribute {tasks} does not match {name} with {len(rois)} ROIs "
-                        f"({task_spec(name, len(rois))}): {fix}")
-    spatial, counts = None, {}
+        raise DataError(f"{path}: tasks {tasks} do not match {name} with {len(rois)} ROIs: {fix}")
+    missing = [split for split in SPLITS if not isinstance(f.get(f"{split}/image"), h5py.Dataset)]
+    if missing:
+        raise DataError(f"{path}: {missing[0]}/image is missing (groups train, val, test each need one): {fix}")
+    image = f["train/image"]
+    spatial = image.shape[1:3] if name == "ham10000" else image.shape[1:]
+    counts = {split: f[f"{split}/image"].shape[0] for split in SPLITS}
     for split in SPLITS:
-        if not isinstance(f.get(split), h5py.Group):
-            raise DataError(f"{path}: group {split!r} is missing (expected train, val, test): {fix}")
-        g = f[split]
-        if "image" not in g:
-            raise DataError(f"{path}: {split}/image is missing: {fix}")
-        shape = g["image"].shape
-        if len(shape) != 4 or (name == "ham10000" and shape[-1] != 3):
-            want = "(N, H, W, 3)" if name == "ham10000" else "(N, D, H, W)"
-            raise DataError(f"{path}: {split}/image has shape {shape}, expected {want}: {fix}")
-        here = shape[1:3] if name == "ham10000" else shape[1:]
-        if spatial not in (None, here):
-            raise DataError(f"{path}: {split}/image is {here} but the other splits are {spatial}: {fix}")
-        spatial, counts[split] = here, shape[0]
-        for key, (tail, dtypes) in _schema(name, spatial, len(rois)).items():
-            if key not in g:
+        for key, (tail, dtype) in schema(name, spatial, len(rois)).items():
+            ds, want = f[split].get(key), (counts[split],) + tail
+            if not isinstance(ds, h5py.Dataset):
                 raise DataError(f"{path}: {split}/{key} is missing: {fix}")
-            if g[key].shape != (shape[0],) + tail:
-                raise DataError(f"{path}: {split}/{key} has shape {g[key].shape}, expected {(shape[0],) + tail}: {fix}")
-            if _dtype_name(g[key]) not in dtypes:
-                raise DataError(f"{path}: {split}/{key} has dtype {_dtype_name(g[key])}, "
-                                f"expected {' or '.join(dtypes)}: {fix}")
+            if ds.shape != want or image.ndim != 4:
+                raise DataError(f"{path}: {split}/{key} has shape {ds.shape}, expected {want}: {fix}")
+            if ("str" if h5py.check_string_dtype(ds.dtype) else ds.dtype.name) != dtype:
+                raise DataError(f"{path}: {split}/{key} has dtype {ds.dtype}, expected {dtype}: {fix}")
     if any(s % 32 for s in spatial):
         raise DataError(f"{path}: spatial size {spatial} is not a multiple of 32: convert again with a "
                         "--shape/--size of multiples of 32")
     return {"name": name, "tasks": tasks, "rois": rois, "spatial": tuple(spatial), "counts": counts,
-            "synthetic": bool(f.attrs["synthetic"])}
+            "synthetic": bool(f.attrs["synthetic"]), "digest": str(f.attrs["digest"])}
 
 
-def _normalise(image: np.ndarray, modality: str) -> torch.Tensor:
-    """Stored image -> float32 model input (C, *spatial) (see the module docstring)."""
-    if modality == "rgb":
-        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)) / 255
-        return (x - torch.tensor(RGB_MEAN)[:, None, None]) / torch.tensor(RGB_STD)[:, None, None]
-    x = np.clip(image.astype(np.float32), HU_MIN, HU_MAX) / HU_SCALE
-    return torch.from_numpy(x)[None]
+def _read(path, g: h5py.Group, key, case, at=None):
+    """g[key][at] (default: row `case`); a one-line DataError naming file, dataset and case when HDF5 cannot
+    read it (a damaged chunk) or it holds NaN or inf."""
+    ds = g[key]
+    try:
+        at = case if at is None else at
+        value = ds.asstr()[at] if h5py.check_string_dtype(ds.dtype) else ds[at]
+    except (OSError, RuntimeError) as e:
+        fix = _make_hint(str(g.file.attrs["dataset"]), "rebuild", out=path)
+        raise DataError(f"{path}: {g.name[1:]}/{key} is damaged (case {case}: {_first_line(e)}): {fix}") from None
+    if ds.dtype.kind == "f" and not np.isfinite(value).all():
+        raise DataError(f"{path}: NaN or inf in {g.name[1:]}/{key} of case {case}: fix the source data, convert again")
+    return value
 
 
 def _shift(t: torch.Tensor, offsets, fill: float) -> torch.Tensor:
     """Translate the spatial axes of a (C, *spatial) tensor by integer offsets, filling the gap."""
     out = torch.full_like(t, fill)
-    src, dst = [slice(None)], [slice(None)]
-    for o, n in zip(offsets, t.shape[1:]):
-        src.append(slice(max(0, -o), n - max(0, o)))
-        dst.append(slice(max(0, o), n - max(0, -o)))
+    src = [slice(None)] + [slice(max(0, -o), n - max(0, o)) for o, n in zip(offsets, t.shape[1:])]
+    dst = [slice(None)] + [slice(max(0, o), n - max(0, -o)) for o, n in zip(offsets, t.shape[1:])]
     out[tuple(dst)] = t[tuple(src)]
     return out
 
 
 class H5Dataset(torch.utils.data.Dataset):
-    """One split of a data.py HDF5 file as a Dataset of dicts (see the module docstring).
-    dims=2 on planning volumes gives axial slices (all slices of all cases); dims=3 gives whole
-    cases. The HDF5 handle is opened lazily in the process that reads (each DataLoader worker
-    opens its own) and is never pickled; nothing reads more than the requested case or slice."""
+    """One split of a data.py file as a Dataset of dicts: axial slices (dims=2 on planning volumes) or whole cases.
+    The HDF5 handle is opened lazily by the process that reads (each DataLoader worker its own), never pickled."""
 
     def __init__(self, path, split, dims=2, augment=False):
         self.path, self.split, self.dims, self.augment = Path(path), split, int(dims), bool(augment)
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-        with _open_h5(self.path) as f:
-            meta = check_layout(f, self.path)
-            self.ids = list(f[split]["id"].asstr()[:])  # case i's id (read once: items carry it)
-        self.dataset, self.tasks, self.synthetic = meta["name"], meta["tasks"], meta["synthetic"]
+        f, meta = _open_h5(self.path)
+        with f:
+            self.ids = list(_read(self.path, f[split], "id", "ids", slice(None)))  # read once: every item has its id
+        self.dataset, self.tasks, self.roi_names = meta["name"], meta["tasks"], list(meta["rois"])
+        self.synthetic, self.digest, self.num_cases = meta["synthetic"], meta["digest"], meta["counts"][split]
         spec = SPECS[self.dataset]
         if self.dims not in spec.model_dims:
             why = {"stoic": "its labels are per scan", "ham10000": "its images are 2D"}[self.dataset]
             raise DataError(f"{self.dataset} cannot be read with dims={dims}: {why}; use dims={spec.model_dims[0]}")
-        self.modality, self.roi_names = spec.modality, list(meta["rois"])
-        self.in_channels = in_channels(self.dataset)
-        self.num_cases = meta["counts"][split]
+        self.modality, self.in_channels = spec.modality, in_channels(self.dataset)
         self.slices = self.dims == 2 and len(meta["spatial"]) == 3
         self.spatial = meta["spatial"][1:] if self.slices else meta["spatial"]  # of one item
         self._per_case = meta["spatial"][0] if self.slices else 1
+        self._keys = list(schema(self.dataset, meta["spatial"], len(self.roi_names)))
         self._h5, self._pid = None, None
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_h5"] = state["_pid"] = None
-        return state
+        return {**self.__dict__, "_h5": None, "_pid": None}
 
-    def _group(self) -> h5py.Group:
+    def _get(self, key, case, at=None):
         if self._h5 is None or self._pid != os.getpid():
             self._h5, self._pid = h5py.File(self.path, "r"), os.getpid()
-        return self._h5[self.split]
+        return _read(self.path, self._h5[self.split], key, case, at)
 
     def __len__(self):
         return self.num_cases * self._per_case
@@ -942,59 +791,40 @@ class H5Dataset(torch.utils.data.Dataset):
         """Row (case) of item `index`."""
         return index // self._per_case
 
-    def _finite(self, array, key, case):
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise DataError(f"{self.path}: NaN or inf in {self.split}/{key} of case {case}: "
-                            "fix the source data and convert again")
-        return array
-
     def __getitem__(self, index):
+        """Item: image float32 (C, *spatial) normalised, targets (dose float32 Gy, masks bool, labels int64)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         case, k = divmod(index, self._per_case) if self.slices else (index, -1)
-        g = self._group()
         at = (case,) + axial_slice(k) if self.slices else (case,)
-        item = {"image": _normalise(self._finite(g["image"][at], "image", case), self.modality)}
+        image = self._get("image", case, at).astype(np.float32)
+        if self.modality == "rgb":  # ImageNet statistics; CT: clipped HU / 1000, so air is -1 and bone up to 1.5
+            image = (image.transpose(2, 0, 1) / 255 - np.reshape(RGB_MEAN, (3, 1, 1))) / np.reshape(RGB_STD, (3, 1, 1))
+        else:
+            image = np.clip(image, HU_MIN, HU_MAX)[None] / HU_SCALE
+        item = {"image": torch.from_numpy(image.astype(np.float32))}
         for task, (kind, _) in self.tasks.items():
-            if kind == "image":
-                item[task] = torch.tensor(int(g[task][case]), dtype=torch.int64)
-            else:
-                target = torch.from_numpy(self._finite(g[task][at], task, case))  # float32 Gy or bool mask
-                item[task] = target if target.ndim > len(self.spatial) else target[None]
+            value = torch.from_numpy(np.asarray(self._get(task, case, None if kind == "image" else at)))
+            item[task] = value if kind == "image" or value.ndim > len(self.spatial) else value[None]
         if self.dataset in PLANNING:
-            item["possible_dose_mask"] = torch.from_numpy(g["possible_dose_mask"][at])[None]
-        if self.augment:
-            item = self._augmented(item)
-        item.update(case=case, slice=k, id=self.ids[case])
-        return item
-
-    def _augmented(self, item):
-        """Label-consistent and cheap: random flips for skin images; for CT a random shift of up
-        to 1/32 of each side (no flips: left and right ROIs would swap)."""
-        dense = [key for key, t in item.items() if t.ndim > 0]
-        if self.modality == "rgb":
-            for axis in (-1, -2):
-                if torch.rand(()) < 0.5:
-                    item.update({key: item[key].flip(axis) for key in dense})
-            return item
-        offsets = [int(torch.randint(-max(1, n // 32), max(1, n // 32) + 1, ())) for n in self.spatial]
-        air = HU_MIN / HU_SCALE
-        return {**item, **{key: _shift(item[key], offsets, air if key == "image" else 0.0) for key in dense}}
+            item["possible_dose_mask"] = torch.from_numpy(self._get("possible_dose_mask", case, at))[None]
+        if self.augment:  # label-consistent: flips for skin; for CT shifts by up to 1/32 of a side (flips swap L/R)
+            dense = [key for key, t in item.items() if t.ndim > 0]
+            if self.modality == "rgb":
+                for axis in (-1, -2):
+                    item.update({key: item[key].flip(axis) for key in dense} if torch.rand(()) < 0.5 else {})
+            else:
+                offsets = [int(torch.randint(-max(1, n // 32), max(1, n // 32) + 1, ())) for n in self.spatial]
+                item.update({key: _shift(item[key], offsets, HU_MIN / HU_SCALE if key == "image" else 0.0)
+                             for key in dense})
+        return {**item, "case": case, "slice": k, "id": self.ids[case]}
 
     def case(self, i) -> dict:
         """Case i whole, in stored units (HU, Gy, bool masks, int labels, str ids)."""
         if not 0 <= i < self.num_cases:
             raise IndexError(f"case {i} out of range for {self.num_cases} cases")
-        g = self._group()
-        out = {}
-        for key, ds in g.items():
-            value = ds.asstr()[i] if h5py.check_string_dtype(ds.dtype) else ds[i]
-            out[key] = int(value) if isinstance(value, np.integer) else value
-        return out
-
-    def __repr__(self):
-        return (f"H5Dataset({str(self.path)!r}, {self.split!r}, dims={self.dims}: {self.dataset}, "
-                f"{self.num_cases} cases, {len(self)} items of {self.spatial})")
+        values = {key: self._get(key, i) for key in self._keys}
+        return {key: int(v) if isinstance(v, np.integer) else v for key, v in values.items()}
 
 
 def open_dataset(path, split, dims=2, augment=False) -> H5Dataset:
@@ -1004,100 +834,84 @@ def open_dataset(path, split, dims=2, augment=False) -> H5Dataset:
 
 # ----------------------------------------------------------------------------- info
 def describe(path, full=True) -> str:
-    """Validate a file and summarise it: attributes, per-split shapes and dtypes, task balance.
-    full=True also reads every case (one at a time) to check values: finite images and doses,
-    non-negative doses, labels in range."""
+    """Check a file and summarise it. full=True reads every value of every dataset, case by case: a damaged
+    chunk, NaN or inf, a negative dose, a label out of range or content that no longer matches the digest fail."""
     path = Path(path)
-    with _open_h5(path) as f:
-        meta = check_layout(f, path)
-        name, tasks, rois = meta["name"], meta["tasks"], meta["rois"]
-        lines = [f"{path}: {name}, synthetic={meta['synthetic']}, dims={int(f.attrs['dims'])}, "
-                 f"source={f.attrs.get('source', '?')}, converter={f.attrs.get('converter', '?')}",
-                 "tasks: " + ", ".join(f"{t} ({kind}, {n})" for t, (kind, n) in tasks.items())]
-        if rois:
-            lines.append("roi_names: " + ", ".join(rois))
+    f, meta = _open_h5(path)
+    name, tasks, rois, counts = meta["name"], meta["tasks"], meta["rois"], meta["counts"]
+    keys, digest = schema(name, meta["spatial"], len(rois)), _Digest(name, rois)
+    lines = [f"{path}: {name}, synthetic={meta['synthetic']}, source={f.attrs['source']}, digest={meta['digest']}",
+             "tasks: " + ", ".join(f"{t} ({kind}, {n})" for t, (kind, n) in tasks.items())]
+    lines += ["roi_names: " + ", ".join(rois)] if rois else []
+    with f:
         for split in SPLITS:
-            g = f[split]
-            n = meta["counts"][split]
-            lines.append(f"{split}: {n} cases")
-            lines += [f"  {key:26s} {str(ds.shape):24s} {_dtype_name(ds)}" for key, ds in g.items()]
-            if not full or n == 0:
-                continue
-            stats = {}
-            for i in range(n):
-                for key in ("image", "dose"):
-                    if key in g and g[key].dtype.kind == "f":
-                        v = g[key][i]
-                        if not np.isfinite(v).all():
-                            raise DataError(f"{path}: NaN or inf in {split}/{key} of case {i}: "
-                                            "fix the source data and convert again")
-                        if key == "dose" and v.min() < 0:
-                            raise DataError(f"{path}: negative dose in {split}/dose of case {i}: fix the source data")
-                if name in PLANNING:
-                    dose, pdm = g["dose"][i], g["possible_dose_mask"][i]
-                    stats.setdefault("dose_max", []).append(float(dose.max()))
-                    stats.setdefault("dose_mean", []).append(float(dose[pdm].mean()) if pdm.any() else 0.0)
-                    stats.setdefault("present", []).append(g["structures"][i].any(axis=(1, 2, 3)))
-                if name == "ham10000":
-                    stats.setdefault("fg", []).append(float(g["segmentation"][i].mean()))
+            lines += [f"{split}: {counts[split]} cases"]
+            lines += [f"  {key:26s} {str(f[split][key].shape):24s} {dtype}" for key, (_, dtype) in keys.items()]
+            digest.add(split, counts[split], "int64")
+            seen = defaultdict(list)
+            for i in range(counts[split] if full else 0):
+                for key, (_, dtype) in keys.items():
+                    value = _read(path, f[split], key, i)
+                    digest.add(key, value, dtype)
+                    if key in tasks and tasks[key][0] == "image" and not 0 <= value < tasks[key][1]:
+                        raise DataError(f"{path}: {split}/{key} of case {i} is {value}, outside 0..{tasks[key][1] - 1}")
+                    if key == "dose" and value.min() < 0:
+                        raise DataError(f"{path}: negative dose in {split}/dose of case {i}: fix the source data")
+                    if key in tasks:
+                        seen[key].append(value.any(axis=(1, 2, 3)) if key == "structures" else np.mean(value))
             for task, (kind, k) in tasks.items():
-                if kind == "image":
-                    labels = g[task][:]
-                    if labels.min() < 0 or labels.max() >= k:
-                        raise DataError(f"{path}: {split}/{task} has labels outside 0..{k - 1}: fix the source data")
+                if kind == "image" and seen[task]:
                     names = HAM_CLASSES if task == "diagnosis" else range(k)
-                    counts = np.bincount(labels, minlength=k)
-                    lines.append(f"  balance {task}: " + ", ".join(f"{c} {m}" for c, m in zip(names, counts)))
-            if name in PLANNING:
-                present = np.sum(stats["present"], axis=0)
-                lines.append(f"  balance dose: max {max(stats['dose_max']):.1f} Gy, mean in possible_dose_mask "
-                             f"{np.mean(stats['dose_mean']):.1f} Gy")
-                lines.append("  balance structures (cases contoured): "
-                             + ", ".join(f"{r} {c}/{n}" for r, c in zip(rois, present)))
-            if name == "ham10000":
-                lines.append(f"  balance segmentation: {100 * np.mean(stats['fg']):.1f}% lesion pixels")
+                    balance = np.bincount(np.array(seen[task], int), minlength=k)
+                    lines.append(f"  balance {task}: " + ", ".join(f"{c} {m}" for c, m in zip(names, balance)))
+            if seen["structures"]:
+                lines.append(f"  balance dose: mean {np.mean(seen['dose']):.2f} Gy per voxel; cases contoured: "
+                             + ", ".join(f"{r} {c}" for r, c in zip(rois, np.sum(seen["structures"], axis=0))))
+            if seen["segmentation"]:
+                lines.append(f"  balance segmentation: {100 * np.mean(seen['segmentation']):.1f}% lesion pixels")
+    if full and digest.h.hexdigest() != meta["digest"]:
+        raise DataError(f"{path}: its content does not match its digest (changed since written): "
+                        + _make_hint(name, "rebuild", out=path))
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="data.py", description="HDF5 datasets for CTAN: synthetic stand-ins, "
-                                "converters from the public releases, validation. Layout: see the docstring.")
+    """`python data.py synth|convert|info ...`: 0 on success, 2 with one line on stderr on bad input, 130 on Ctrl-C."""
+    p = argparse.ArgumentParser(prog="data.py", description="HDF5 datasets for CTAN (layout: README.md, ## Data)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="write a synthetic stand-in with the real layout")
-    s.add_argument("name", help=" | ".join(DATASETS))
-    s.add_argument("--out", help="output file (default data/NAME.h5)")
+    c = sub.add_parser("convert", help="convert a raw public release to HDF5")
+    for writer in (s, c):
+        writer.add_argument("name", help=" | ".join(DATASETS))
+        writer.add_argument("--seed", type=int, default=0, help="of the synthetic data / of the 70/10/20 split")
+        writer.add_argument("--out", help="output file (default data/NAME.h5)")
+        writer.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     s.add_argument("--n", type=int, help="number of cases (default 30 for prostate/openkbp, 300 ham10000, 80 stoic)")
     s.add_argument("--size", type=int, help="spatial size, a multiple of 32 (default 64; 32 for stoic)")
-    s.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("convert", help="convert a raw public release to HDF5")
-    c.add_argument("name", help=" | ".join(DATASETS))
     c.add_argument("raw_dir", help="openkbp/prostate: folder with train-pats/ validation-pats/ test-pats/; "
                    "ham10000: the unpacked release; stoic: folder with data/mha/ and metadata/")
-    c.add_argument("--out", help="output file (default data/NAME.h5)")
     c.add_argument("--shape", help="openkbp/prostate: volume shape of the flat indices, N or D,H,W (default 128)")
     c.add_argument("--rois", help="openkbp/prostate: comma-separated ROI names (default: the dataset's list)")
     c.add_argument("--size", help="ham10000: WIDTHxHEIGHT (default 256x192); stoic: cube side (default 128)")
-    c.add_argument("--seed", type=int, default=0, help="ham10000/stoic: seed of the 70/10/20 split")
-    i = sub.add_parser("info", help="validate a file and print its splits, shapes, dtypes and task balance")
+    i = sub.add_parser("info", help="check a file, reading every value; print splits, shapes, dtypes, balance")
     i.add_argument("file")
     i.add_argument("--quick", action="store_true", help="check the structure only, read no data")
-    args = p.parse_args(argv)
+    args, start = p.parse_args(argv), time.monotonic()
     try:
-        start = time.monotonic()
         if args.command == "info":
             print(describe(args.file, full=not args.quick))
             return 0
         if args.command == "synth":
-            out = synth(args.name, args.out, n=args.n, size=args.size, seed=args.seed)
+            out = synth(args.name, args.out, args.n, args.size, args.seed, overwrite=args.overwrite)
         else:
-            out = convert(args.name, args.raw_dir, args.out, shape=args.shape, rois=args.rois,
-                          size=args.size, seed=args.seed)
-        with _open_h5(out) as f:
-            counts = check_layout(f, out)["counts"]
-        print(f"wrote {out} ({', '.join(f'{k} {v}' for k, v in counts.items())} cases, "
-              f"{time.monotonic() - start:.1f}s)")
+            out = convert(args.name, args.raw_dir, args.out, shape=args.shape, rois=args.rois, size=args.size,
+                          seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {out} ({time.monotonic() - start:.1f}s)")
         return 0
+    except KeyboardInterrupt:
+        print("interrupted" + (": nothing written" if args.command != "info" else ""), file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into e.g. `head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

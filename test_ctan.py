@@ -288,6 +288,7 @@ def test_synth_items_follow_the_spec(synth_files, name, dims):
         ds = data.open_dataset(path, split, dims=dims)
         total += ds.num_cases
         assert ds.dataset == name and ds.synthetic is True and ds.tasks == data.task_spec(name, len(ds.roi_names))
+        assert isinstance(ds.digest, str) and len(ds.digest) == 64
         assert ds.roi_names == list(data.SPECS[name].rois)
         assert ds.in_channels == (3 if name == "ham10000" else 1)
         spatial = (size,) * (2 if dims == 2 else 3)
@@ -354,10 +355,9 @@ def test_augmentation_is_label_consistent(synth_files):
 # ----------------------------------------------------------------------------- OpenKBP CSV fixtures
 def write_sparse_csv(path, flat, values=True):
     """Format of open-kbp's provided-data: header ',data', rows 'index,value' / 'index,' of non-zero voxels."""
-    with open(path, "w") as fh:
-        fh.write(",data\n")
-        for i in np.flatnonzero(flat):
-            fh.write(f"{i},{float(flat[i])!r}\n" if values else f"{i},\n")
+    index = np.flatnonzero(flat)
+    rows = [f"{i},{v!r}" for i, v in zip(index, flat[index].astype(float).tolist())] if values else [f"{i}," for i in index]
+    Path(path).write_text(",data\n" + "".join(r + "\n" for r in rows))
 
 
 def write_openkbp_patient(folder, case, rois):
@@ -379,10 +379,10 @@ def make_openkbp_raw(root, rois, shape, counts=(2, 1, 1), seed=0):
         (root / sub).mkdir(parents=True, exist_ok=True)
         for k in range(n):
             pid = f"pt_{len(cases) * 7 + 2}"  # pt_2, pt_9, pt_16...: natural, not lexical, order
-            body = rng.random(shape) < 0.3
+            body = rng.random(shape) < 0.1
             ct = np.where(body, rng.integers(-1000, 3000, shape), -1024).astype(np.int16)
             dose = np.where(body, np.round(rng.uniform(0, 80, shape), 3), 0.0)
-            structures = rng.random((len(rois),) + shape) < 0.05
+            structures = rng.random((len(rois),) + shape) < 0.02
             structures[rng.integers(len(rois))] = False  # one ROI not contoured: no file
             case = {"image": ct, "dose_text": dose, "dose": dose.astype(np.float32), "structures": structures,
                     "possible_dose_mask": body, "voxel_dimensions": rng.uniform(1, 5, 3), "split": split}
@@ -418,7 +418,7 @@ def test_openkbp_round_trip_exact(tmp_path):
     shape = (32, 64, 96)  # three different sides, so any mixed-up axis fails
     cases = make_openkbp_raw(tmp_path / "raw", data.OPENKBP_ROIS, shape)
     log = io.StringIO()
-    out = data.convert_openkbp(tmp_path / "raw", tmp_path / "o.h5", shape=shape, log=log)
+    out = data.convert("openkbp", tmp_path / "raw", tmp_path / "o.h5", shape=shape, log=log)
     check_converted(out, cases, "openkbp", data.OPENKBP_ROIS)
     assert "4/4" in log.getvalue() and "ETA" in log.getvalue()
     item = data.open_dataset(out, "train", dims=2)[5]
@@ -452,45 +452,44 @@ def _read_csv_independently(path, size, values=True):
 
 @pytest.mark.skipif(not REAL_OPENKBP.is_dir(), reason="real OpenKBP sample not present (../shared/data/openkbp)")
 def test_real_openkbp_matches_the_csv_files(tmp_path):
-    # one patient per split (symlinked) keeps the test short; the full sample is converted the same way
-    picks = {"train-pats": "pt_1", "validation-pats": "pt_201", "test-pats": "pt_242"}
-    for sub, pid in picks.items():
+    # one real patient (symlinked) keeps the test short: the split folders are checked with the fixtures above
+    for sub in data.OPENKBP_SPLITS.values():
         (tmp_path / "raw" / sub).mkdir(parents=True)
-        (tmp_path / "raw" / sub / pid).symlink_to(REAL_OPENKBP / sub / pid)
+    folder = REAL_OPENKBP / "train-pats" / "pt_1"
+    (tmp_path / "raw" / "train-pats" / "pt_1").symlink_to(folder)
     out = data.convert("openkbp", tmp_path / "raw", tmp_path / "real.h5", log=io.StringIO())
-    size = 128 ** 3
-    for split, (sub, pid) in zip(data.SPLITS, picks.items()):
-        ds = data.open_dataset(out, split, dims=3)
-        assert ds.num_cases == 1 and ds.synthetic is False
-        got, folder = ds.case(0), REAL_OPENKBP / sub / pid
-        assert got["id"] == pid and got["image"].shape == (128, 128, 128)
-        ct = _read_csv_independently(folder / "ct.csv", size)
-        flat = lambda v: raw_order(v).ravel()  # the CSVs' flat index is C order over (D, H, W)
-        np.testing.assert_array_equal(flat(got["image"]).astype(np.float64) + 1024, ct)
-        np.testing.assert_array_equal(flat(got["dose"]), _read_csv_independently(folder / "dose.csv", size).astype(np.float32))
-        np.testing.assert_array_equal(flat(got["possible_dose_mask"]),
-                                      _read_csv_independently(folder / "possible_dose_mask.csv", size, values=False))
-        with open(folder / "voxel_dimensions.csv") as fh:
-            vox = [float(line) for line in fh if line.strip()]
-            assert list(got["voxel_dimensions"]) == vox[2:] + vox[:2]
-        for r, roi in enumerate(data.OPENKBP_ROIS):
-            want = (_read_csv_independently(folder / f"{roi}.csv", size, values=False)
-                    if (folder / f"{roi}.csv").exists() else np.zeros(size, bool))
-            np.testing.assert_array_equal(flat(got["structures"][r]), want, err_msg=roi)
+    ds, size = data.open_dataset(out, "train", dims=3), 128 ** 3
+    assert ds.num_cases == 1 and ds.synthetic is False and data.open_dataset(out, "val").num_cases == 0
+    got = ds.case(0)
+    assert got["id"] == "pt_1" and got["image"].shape == (128, 128, 128)
+    ct = _read_csv_independently(folder / "ct.csv", size)
+    flat = lambda v: raw_order(v).ravel()  # the CSVs' flat index is C order over (D, H, W)
+    np.testing.assert_array_equal(flat(got["image"]).astype(np.float64) + 1024, ct)
+    np.testing.assert_array_equal(flat(got["dose"]), _read_csv_independently(folder / "dose.csv", size).astype(np.float32))
+    np.testing.assert_array_equal(flat(got["possible_dose_mask"]),
+                                  _read_csv_independently(folder / "possible_dose_mask.csv", size, values=False))
+    with open(folder / "voxel_dimensions.csv") as fh:
+        vox = [float(line) for line in fh if line.strip()]
+        assert list(got["voxel_dimensions"]) == vox[2:] + vox[:2]
+    for r, roi in enumerate(data.OPENKBP_ROIS):
+        want = (_read_csv_independently(folder / f"{roi}.csv", size, values=False)
+                if (folder / f"{roi}.csv").exists() else np.zeros(size, bool))
+        np.testing.assert_array_equal(flat(got["structures"][r]), want, err_msg=roi)
     assert len(list((REAL_OPENKBP / "train-pats").iterdir())) == 12
 
 
 # ----------------------------------------------------------------------------- HAM10000 fixtures
 def make_ham_raw(root, rng):
     """Metadata CSV with shared lesion ids, JPGs in two parts (most 64x32, two 80x50), PNG masks 0/255."""
-    (root / "HAM10000_images_part1").mkdir(parents=True)
-    (root / "HAM10000_images_part2").mkdir()
+    parts = ("HAM10000_images_part1", "ham10000_images_part_2")  # ISIC and Kaggle spellings, both read
+    for part in parts:
+        (root / part).mkdir(parents=True)
     (root / data.HAM_MASK_DIR).mkdir()
     rows = []
     for k in range(14):
         image_id, lesion_id = f"ISIC_{24306 + k:07d}", f"HAM_{k // 2:07d}"  # two images per lesion
         w, h = (80, 50) if k in (3, 8) else (64, 32)
-        part = root / f"HAM10000_images_part{1 + k % 2}"
+        part = root / parts[k % 2]
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(part / f"{image_id}.jpg", quality=90)
         mask = np.zeros((h, w), np.uint8)
         mask[h // 4: 3 * h // 4, w // 5: w // 2 + k] = 255
@@ -519,7 +518,7 @@ def test_ham10000_round_trip(tmp_path):
     assert all(len(splits) == 1 for splits in lesions.values())  # split by lesion
     for r in rows:
         got = seen[r["image_id"]]
-        part = next((tmp_path / "raw").glob(f"HAM10000_images_part*/{r['image_id']}.jpg"))
+        part = next((tmp_path / "raw").glob(f"*_images_part*/{r['image_id']}.jpg"))
         rgb = Image.open(part).convert("RGB")
         mask = Image.open(tmp_path / "raw" / data.HAM_MASK_DIR / f"{r['image_id']}_segmentation.png")
         assert tuple(got["original_size"]) == (rgb.height, rgb.width)
@@ -529,8 +528,11 @@ def test_ham10000_round_trip(tmp_path):
         np.testing.assert_array_equal(got["segmentation"], np.asarray(mask) > 128)
         assert got["diagnosis"] == data.HAM_CLASSES.index(r["dx"])
     again = data.convert("ham10000", tmp_path / "raw", tmp_path / "ham2.h5", size="64x32", seed=5, log=io.StringIO())
-    with h5py.File(out) as a, h5py.File(again) as b:  # the seeded split is reproducible
+    with h5py.File(out) as a, h5py.File(again) as b:  # the seeded split is reproducible, and so is the digest
         assert list(a["test/id"].asstr()[:]) == list(b["test/id"].asstr()[:])
+        assert a.attrs["digest"] == b.attrs["digest"]
+    other = data.convert("ham10000", tmp_path / "raw", tmp_path / "ham3.h5", size="64x32", seed=6, log=io.StringIO())
+    assert data.open_dataset(other, "train").digest != data.open_dataset(out, "train").digest
 
 
 # ----------------------------------------------------------------------------- MetaImage / STOIC fixtures
@@ -631,7 +633,7 @@ def test_missing_group_or_key(synth_files, tmp_path):
     path = _copy(synth_files["openkbp"], tmp_path / "a.h5")
     with h5py.File(path, "a") as f:
         del f["val"]
-    with pytest.raises(data.DataError, match="group 'val' is missing"):
+    with pytest.raises(data.DataError, match=r"val/image is missing \(groups train, val, test"):
         data.open_dataset(path, "train")
     path = _copy(synth_files["openkbp"], tmp_path / "b.h5")
     with h5py.File(path, "a") as f:
@@ -641,26 +643,8 @@ def test_missing_group_or_key(synth_files, tmp_path):
     path = _copy(synth_files["stoic"], tmp_path / "c.h5")
     with h5py.File(path, "a") as f:
         del f.attrs["dataset"]
-    with pytest.raises(data.DataError, match="no 'dataset' attribute"):
+    with pytest.raises(data.DataError, match="'dataset' attribute is missing"):
         data.open_dataset(path, "test", dims=3)
-
-
-def test_format_versions(synth_files, tmp_path):
-    """Format 1 stored planning volumes z last: such a file (same shapes when cubic) must be refused,
-    not read with its axes mixed up; ham10000 and stoic did not change, so theirs still read."""
-    path = _copy(synth_files["openkbp"], tmp_path / "v1.h5")
-    with h5py.File(path, "a") as f:
-        f.attrs["format_version"] = 1
-    with pytest.raises(data.DataError, match=f"format 1 stores openkbp volumes z last.*--out {path}"):
-        data.open_dataset(path, "train")
-    with h5py.File(path, "a") as f:
-        f.attrs["format_version"] = data.FORMAT_VERSION + 1
-    with pytest.raises(data.DataError, match="newer data.py"):
-        data.open_dataset(path, "train")
-    path = _copy(synth_files["ham10000"], tmp_path / "ham_v1.h5")
-    with h5py.File(path, "a") as f:
-        f.attrs["format_version"] = 1
-    assert len(data.open_dataset(path, "train")) > 0
 
 
 def test_wrong_shape_or_dtype(synth_files, tmp_path):
@@ -691,13 +675,10 @@ def test_wrong_shape_or_dtype(synth_files, tmp_path):
 def test_nan_image_is_reported(synth_files, tmp_path):
     path = _copy(synth_files["openkbp"], tmp_path / "nan.h5")
     with h5py.File(path, "a") as f:
-        image = f["train/image"][:].astype(np.float32)
-        image[1, 3, 4, 5] = np.nan
-        del f["train/image"]
-        f["train/image"] = image
+        f["train/dose"][1, 3, 4, 5] = np.nan
     ds = data.open_dataset(path, "train", dims=3)  # layout is fine; values are checked when read
     ds[0]
-    with pytest.raises(data.DataError, match="NaN or inf in train/image of case 1"):
+    with pytest.raises(data.DataError, match="NaN or inf in train/dose of case 1"):
         ds[1]
     with pytest.raises(data.DataError, match="NaN or inf"):
         data.describe(path)
@@ -723,6 +704,12 @@ def test_raw_folder_missing_files(tmp_path):
     (tmp_path / "ham" / data.HAM_METADATA).unlink()
     with pytest.raises(data.DataError, match="lacks HAM10000_metadata.csv"):
         data.convert("ham10000", tmp_path / "ham", tmp_path / "h.h5")
+    shutil.rmtree(tmp_path / "ham" / "ham10000_images_part_2")  # names both spellings of the missing part
+    (tmp_path / "ham" / data.HAM_METADATA).write_text("lesion_id,image_id,dx\nL1,ISIC_0024307,nv\nL2,ISIC_0024306,nv\n")
+    with pytest.raises(data.DataError, match=r"1 files .* \(first: ISIC_0024307.jpg; images read from "
+                       r"HAM10000_images_part1/\): unpack both image parts, HAM10000_images_part1/ and _part2/ "
+                       r"\(Kaggle: ham10000_images_part_1/ and _part_2/\)"):
+        data.convert("ham10000", tmp_path / "ham", tmp_path / "h.h5")
     make_stoic_raw(tmp_path / "stoic", np.random.default_rng(0))
     (tmp_path / "stoic" / "data" / "mha" / "103.mha").unlink()
     with pytest.raises(data.DataError, match=r"1 scans listed in reference.csv are missing \(first: 103.mha\)"):
@@ -738,33 +725,132 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path):
     out = tmp_path / "out" / "openkbp.h5"
     with pytest.raises(data.DataError, match="out of range for shape"):
         data.convert("openkbp", tmp_path / "raw", out, shape=32, log=io.StringIO())
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # not even the folder it made
+    out.parent.mkdir()
     out.write_bytes(b"previous")  # an existing output survives a failed conversion untouched
-    assert data.main(["convert", "openkbp", str(tmp_path / "raw"), "--out", str(out), "--shape", "32"]) == 2
+    assert data.main(["convert", "openkbp", str(tmp_path / "raw"), "--out", str(out), "--shape", "32", "--overwrite"]) == 2
     assert out.read_bytes() == b"previous" and sorted(p.name for p in out.parent.iterdir()) == ["openkbp.h5"]
 
 
+def test_existing_output_is_refused_unless_overwrite(synth_files, tmp_path, capsys):
+    path = _copy(synth_files["stoic"], tmp_path / "s.h5")
+    before = path.read_bytes()
+    with pytest.raises(data.DataError, match=f"{path} already exists: add --overwrite .* or choose another --out"):
+        data.synth("stoic", path, n=4)
+    assert data.main(["convert", "stoic", str(tmp_path / "nowhere"), "--out", str(path)]) == 2  # before the raw check
+    assert "already exists" in capsys.readouterr().err and path.read_bytes() == before
+    assert data.main(["synth", "stoic", "--n", "4", "--out", str(path), "--overwrite"]) == 0
+    assert data.open_dataset(path, "train", dims=3).num_cases == 2
+    for call in (lambda: data.convert("stoic", tmp_path / "nowhere", tmp_path / "new" / "s.h5"),
+                 lambda: data.synth("stoic", tmp_path / "new" / "s.h5", size=40)):
+        with pytest.raises(data.DataError):  # nothing is created before an error
+            call()
+        assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # no temporary file left
+
+
+def test_digest_follows_content(synth_files, tmp_path, capsys):
+    kw = TINY_DATA["openkbp"]
+    same = data.synth("openkbp", tmp_path / "same.h5", seed=1, **kw)
+    other = data.synth("openkbp", tmp_path / "other.h5", seed=2, **kw)
+    digest = data.open_dataset(synth_files["openkbp"], "train").digest
+    assert data.open_dataset(same, "test").digest == digest != data.open_dataset(other, "test").digest
+    assert data.main(["info", str(same)]) == 0 and f"digest={digest}" in capsys.readouterr().out
+    with h5py.File(same, "a") as f:  # a changed value, still a valid file: only the digest tells
+        f["val/dose"][0, 1, 2, 3] += 1
+    assert data.main(["info", str(same)]) == 2
+    assert "does not match its digest" in capsys.readouterr().err
+
+
+def test_damaged_chunk_names_file_and_dataset(synth_files, tmp_path, capsys):
+    path = _copy(synth_files["openkbp"], tmp_path / "damaged.h5")
+    with h5py.File(path) as f:
+        chunk = f["train/image"].id.get_chunk_info(0)  # case 0, axial slice 0, gzip-compressed
+    with open(path, "r+b") as fh:
+        fh.seek(chunk.byte_offset + chunk.size // 2)
+        fh.write(bytes(8))
+    assert data.main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: train/image is damaged (case 0: " in err
+    assert f"rebuild it with `python data.py synth openkbp --out {path}`" in err
+    ds = data.open_dataset(path, "train", dims=2)
+    for read in (lambda: ds[0], lambda: ds.case(0)):
+        with pytest.raises(data.DataError, match=rf"{path}: train/image is damaged \(case 0: .+\): rebuild"):
+            read()
+    ds[1]  # another slice of the same case reads fine
+
+
+def test_ctrl_c_stops_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import signal
+    handlers, make_case, read_patient = [], data._synth_plan_case, data.read_openkbp_patient
+
+    def interrupted(real):
+        def case(*args):
+            handlers.append(signal.getsignal(signal.SIGINT))
+            if len(handlers) == 2:
+                signal.raise_signal(signal.SIGINT)  # as Ctrl-C: the writer stops after this case
+            return real(*args)
+        return case
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(data, "_synth_plan_case", interrupted(make_case))
+    assert data.main(["synth", "openkbp", "--n", "4", "--size", "32", "--out", str(tmp_path / "o" / "x.h5")]) == 130
+    assert capsys.readouterr().err == "interrupted: nothing written\n"
+    assert len(handlers) == 2 and handlers[0] is not before and signal.getsignal(signal.SIGINT) is before
+    make_openkbp_raw(tmp_path / "raw", data.OPENKBP_ROIS, (32, 32, 32))
+    handlers.clear()
+    monkeypatch.setattr(data, "read_openkbp_patient", interrupted(read_patient))
+    assert data.main(["convert", "openkbp", str(tmp_path / "raw"), "--out", str(tmp_path / "o" / "x.h5"),
+                      "--shape", "32"]) == 130
+    assert "interrupted: nothing written" in capsys.readouterr().err and len(handlers) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no output, no temporary file, no folder
+
+
+def test_undecodable_raw_files_are_named(tmp_path):
+    make_ham_raw(tmp_path / "ham", np.random.default_rng(0))
+    jpg = tmp_path / "ham" / "HAM10000_images_part1" / "ISIC_0024306.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:-200])
+    with pytest.raises(data.DataError, match=rf"^{jpg}: cannot decode the image \(image file is truncated"):
+        data.convert("ham10000", tmp_path / "ham", tmp_path / "h.h5", size="64x32", log=io.StringIO())
+    jpg.unlink()
+    make_ham_raw(tmp_path / "ham2", np.random.default_rng(0))
+    png = tmp_path / "ham2" / data.HAM_MASK_DIR / "ISIC_0024306_segmentation.png"
+    png.write_bytes(png.read_bytes()[:60])
+    with pytest.raises(data.DataError, match=rf"^{png}: cannot decode the image \("):
+        data.convert("ham10000", tmp_path / "ham2", tmp_path / "h.h5", size="64x32", log=io.StringIO())
+    assert not (tmp_path / "h.h5").exists()
+    vol = np.zeros((4, 5, 6), np.int16)
+    for spacing, key in (("0.7, 0.7, 1.25", "ElementSpacing is '0.7, 0.7, 1.25', expected 3 numbers"),
+                         ("0.7 0.7", "ElementSpacing is '0.7 0.7', expected 3 numbers"),
+                         (None, "DimSize is missing")):
+        write_metaimage(tmp_path / "a.mha", vol, (1.25, 0.7, 0.7))
+        text = (tmp_path / "a.mha").read_bytes()
+        if spacing is None:
+            text = text.replace(b"DimSize = 6 5 4\n", b"")
+        else:
+            text = text.replace(b"ElementSpacing = 0.7 0.7 1.25", f"ElementSpacing = {spacing}".encode())
+        (tmp_path / "a.mha").write_bytes(text)
+        with pytest.raises(data.DataError, match=rf"^{tmp_path / 'a.mha'}: MetaImage header key {key}"):
+            data.read_metaimage(tmp_path / "a.mha")
+
+
 # ----------------------------------------------------------------------------- CLI, loaders
-def test_info_cli(synth_files, tmp_path):
-    run = subprocess.run([sys.executable, str(HERE / "data.py"), "info", str(synth_files["ham10000"])],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    for text in ("ham10000, synthetic=True", "train:", "val:", "test:", "image", "uint8", "balance diagnosis: akiec"):
-        assert text in run.stdout
-    run = subprocess.run([sys.executable, str(HERE / "data.py"), "info", str(tmp_path / "stoic.h5")],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2 and run.stderr.startswith("error: ") and "Traceback" not in run.stderr
-    assert "python data.py synth stoic" in run.stderr
+def test_info_cli(synth_files, tmp_path, capsys):
+    assert data.main(["info", str(synth_files["ham10000"])]) == 0
+    out = capsys.readouterr().out
+    for text in ("ham10000, synthetic=True", "train:", "val:", "test:", "image", "uint8", "balance diagnosis: akiec",
+                 f"digest={data.open_dataset(synth_files['ham10000'], 'val').digest}"):
+        assert text in out
+    assert data.main(["info", str(tmp_path / "stoic.h5")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "python data.py synth stoic" in err and len(err.strip().splitlines()) == 1
 
 
-def test_synth_cli_writes_default_path(tmp_path):
-    run = subprocess.run([sys.executable, str(HERE / "data.py"), "synth", "stoic", "--n", "4"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert (tmp_path / "data" / "stoic.h5").is_file() and "wrote data/stoic.h5" in run.stdout
-    run = subprocess.run([sys.executable, str(HERE / "data.py"), "synth", "stoic", "--size", "40"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2 and "multiple of 32" in run.stderr and "Traceback" not in run.stderr
+def test_synth_cli_writes_default_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert data.main(["synth", "stoic", "--n", "4"]) == 0
+    assert (tmp_path / "data" / "stoic.h5").is_file() and "wrote data/stoic.h5" in capsys.readouterr().out
+    assert data.main(["synth", "stoic", "--size", "40"]) == 2 and "multiple of 32" in capsys.readouterr().err
 
 
 def test_dataloader_workers_open_their_own_handles(synth_files):
@@ -799,7 +885,8 @@ def test_synthetic_tasks_are_learnable(tmp_path):
             for r, roi in enumerate(ds.roi_names):  # every ROI is visible: its HU differs from tissue
                 if c["structures"][r].any():
                     assert abs(np.median(c["image"][c["structures"][r]]) - np.median(tissue)) > 60, roi
-    ham = {s: data.open_dataset(data.synth("ham10000", tmp_path / "h.h5", n=300, size=32), s) for s in ("train", "test")}
+    ham_file = data.synth("ham10000", tmp_path / "h.h5", n=120, size=32)
+    ham = {s: data.open_dataset(ham_file, s) for s in ("train", "test")}
     feats = {s: [(ds.case(i)["image"][ds.case(i)["segmentation"]].mean(0), ds.case(i)["diagnosis"])
                  for i in range(ds.num_cases)] for s, ds in ham.items()}
     x, y = (np.array([f[k] for f in feats["train"]]) for k in (0, 1))
@@ -808,7 +895,7 @@ def test_synthetic_tasks_are_learnable(tmp_path):
     pred = np.argmin(((xt[:, None] - centroids[None]) ** 2).sum(-1), 1)
     majority = np.bincount(yt).max() / len(yt)
     assert (pred == yt).mean() > majority + 0.2
-    stoic = data.open_dataset(data.synth("stoic", tmp_path / "s.h5", n=80, size=32), "train", dims=3)
+    stoic = data.open_dataset(data.synth("stoic", tmp_path / "s.h5", n=40, size=32), "train", dims=3)
     cases = [stoic.case(i) for i in range(stoic.num_cases)]
     opacity = np.array([((c["image"] > -600) & (c["image"] < -100)).sum() for c in cases])
     covid = np.array([c["covid"] for c in cases])
