@@ -195,7 +195,7 @@ def roc_auc(y_true, score, name="AUC"):
         raise ValueError(f"{name}: {np.sum(~np.isfinite(score))} scores are NaN or inf")
     neg = np.sort(score[~y])
     if y.all() or not y.any():
-        warnings.warn(f"{name} is NaN: the {len(y)} cases hold one class only")
+        warnings.warn(f"{name} is NaN: " + (f"the {len(y)} cases hold one class only" if len(y) else "no cases"))
         return float("nan")
     below, not_above = np.searchsorted(neg, score[y], "left"), np.searchsorted(neg, score[y], "right")
     return float((below + not_above).sum() / 2 / (y.sum() * len(neg)))
@@ -312,6 +312,9 @@ class Weighting(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def open_splits(cfg, log=print):
     """{split: Dataset} of the config's HDF5 file (augmentation on the training split only)."""
+    if not Path(cfg["data"]).is_file():
+        raise UserError(f"{cfg['data']} not found: make it with `python data.py synth {cfg['dataset']} --out "
+                        f"{cfg['data']}` (synthetic) or `python data.py convert {cfg['dataset']} RAW_DIR --out {cfg['data']}`")
     splits = {s: data.open_dataset(cfg["data"], s, dims=cfg["dims"], augment=cfg["augment"] and s == "train")
               for s in data.SPLITS}
     if splits["train"].dataset != cfg["dataset"]:
@@ -794,6 +797,8 @@ def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
     if why is None:
         results["delta_mtl"], results["delta_mtl_per_task"] = delta_mtl(metrics, stl["test"], cfg["tasks"])
         results["stl_results"] = str(stl_path)
+        if len(results["delta_mtl_per_task"]) < len(cfg["tasks"]):
+            results["delta_mtl_note"] = "tasks left out: a metric is NaN, or 0 in STL"
         log(f"Delta_MTL vs {stl_path}: {results['delta_mtl']:+.2f}% ("
             + ", ".join(f"{t} {v:+.2f}%" for t, v in results["delta_mtl_per_task"].items()) + ")")
     else:
@@ -1019,7 +1024,8 @@ def bench(cfg, log=print):
         sec = float(np.median(run.times[warmup:]))
         results.append({"bench": name, "arch": arch, "dims": cfg["dims"], "device": device, "input": list(shape),
                         **{k: cfg[k] for k in ("precision", "channels_last", "compile", "width", "depth", "steps")},
-                        "params": ctan.count_parameters(run.model), "ms_per_step": round(1000 * sec, 2),
+                        "depth": list(cfg["depth"]), "params": ctan.count_parameters(run.model),
+                        "ms_per_step": round(1000 * sec, 2),
                         "samples_per_s": round(shape[0] / sec, 2), "gflop_per_step": round(run.flops / 1e9, 2),
                         "tflops": round(run.flops / sec / 1e12, 4), "mfu": peak and round(run.flops / sec / 1e12 / peak, 4),
                         "peak_memory_gib": run.peak,
@@ -1082,12 +1088,15 @@ def check_out(cfg, log):
 
 
 def resume_config(cfg, args):
-    """On --resume the run's settings come from last.pt; an option given now that differs is an error."""
-    ck_cfg = load_checkpoint(Path(cfg["out"]) / "last.pt")["config"]
+    """On --resume the run's settings come from its last.pt (a guidance run's: its first stage's); an
+    option given now that differs from them is an error."""
+    path = min(Path(cfg["out"]).glob("**/last.pt"))
+    ck_cfg = load_checkpoint(path)["config"]
+    ck_cfg["arch"] = ck_cfg["arch"].split()[0]  # "guidance a_inferior" -> "guidance"
     for key, value in vars(args).items():
         if value is not None and key not in RUNTIME_KEYS and json.dumps(value) != json.dumps(ck_cfg.get(key, value)):
-            raise UserError(f"--resume: {cfg['out']}/last.pt was made with {key}={ck_cfg[key]!r}, not {value!r}: "
-                            f"resume without that option, or start a new --out")
+            raise UserError(f"--resume: {path} was made with {key}={ck_cfg[key]!r}, not {value!r}: resume without "
+                            "that option, or start a new --out")
     return {**ck_cfg, **{k: cfg.get(k) for k in RUNTIME_KEYS}}
 
 
@@ -1114,7 +1123,7 @@ def run_training(args, log=print):
     if cfg.get("bench"):
         return bench(cfg, log)
     check_out(cfg, log)
-    cfg = resume_config(cfg, args) if cfg["resume"] and cfg["arch"] != "guidance" else cfg
+    cfg = resume_config(cfg, args) if cfg["resume"] else cfg
     out, fresh = Path(cfg["out"]), not Path(cfg["out"]).exists()
     rank, world, local_rank = distributed()
     log = log if rank == 0 else (lambda *a, **k: None)
