@@ -1361,13 +1361,12 @@ def test_rt_evaluation_of_a_perfect_prediction(synthetic, tmp_path, monkeypatch,
     scores dose 0, DVH 0, Dice 1 (ROIs absent from a patient are not scored)."""
     cfg = train.resolve_config(train.parse_args(_argv(synthetic, tmp_path / "p", "openkbp", "hps", "--dims", str(dims))))
     splits = train.open_splits(cfg)
-    cfg["tasks"] = splits["test"].tasks
     run = SimpleNamespace(cfg=cfg)
 
     def oracle(run, ds):
-        for batch in torch.utils.data.DataLoader(ds, batch_size=5):
-            yield batch, {"dose": (batch["dose"] / train.DOSE_SCALE_GY).numpy(),
-                          "structures": (batch["structures"].numpy() * 2 - 1) * 10.0}
+        for i in range(ds.num_cases):
+            raw = ds.case(i)
+            yield raw, {"dose": raw["dose"][None] / train.DOSE_SCALE_GY, "structures": raw["structures"] * 2.0 - 1}
 
     monkeypatch.setattr(train, "predict", oracle)
     metrics, notes = train.evaluate(run, splits["test"], preview_dir=tmp_path / "png")
@@ -1581,7 +1580,8 @@ def test_guided_models_never_read_the_masks(done, kbp):
         model = train.stage_model(dict(cfg, tasks=train.DOSE_TASK), entry, len(data.OPENKBP_ROIS))
         if entry == "d_combined":
             model.load_state_dict(_ck(out, entry))
-        run = SimpleNamespace(cfg=dict(cfg, tasks=train.DOSE_TASK), device=torch.device("cpu"), model=model)
+        run = SimpleNamespace(cfg=dict(cfg, tasks=train.DOSE_TASK, roi_names=list(data.OPENKBP_ROIS)),
+                              device=torch.device("cpu"), model=model)
         ref = np.concatenate([o["dose"] for _, o in train.predict(run, test_ds)])
         for how in ("drop", "nan", "random"):
             got = np.concatenate([o["dose"] for _, o in train.predict(run, _NoMasks(test_ds, how))])

@@ -28,13 +28,11 @@ from PIL import Image, ImageDraw
 import ctan
 import data
 
-# ----------------------------------------------------------------------------------------------
-# Config: ONE defaults table. A run's config is "all", then its dataset's entry, then the entry of
-# its device ("cuda" or "cpu": the GPU path's choices are keys, so a CPU can run that path too),
+# === Config ===
+# ONE defaults table. A run's config is "all", then its dataset's entry, then the entry of its device ("cuda" or "cpu": the GPU path's choices are keys, so a CPU can run that path too),
 # then the dataset's "small" entry on a CPU (the quick start finishes in minutes on 2 cores) and
 # "dims3" for --dims 3, then the arch's entry, then what the command line gives.
 # Dose is predicted in units of DOSE_SCALE_GY (output 1.0 = 80 Gy), so it is O(1) like the other targets.
-# ----------------------------------------------------------------------------------------------
 DOSE_SCALE_GY = 80.0
 _SMALL = dict(width=32, depth=(2, 2, 2, 2), max_steps_per_epoch=40)
 _RT = dict(dims=2, epochs=60, batch_size=16, lr=1e-3, width=64, depth=(3, 4, 6, 3), size=(128, 128, 128),
@@ -106,9 +104,7 @@ def run_name(cfg, arch):
     return f"{Path(cfg['data']).stem}{'-3d' if cfg['dims'] == 3 else ''}-{arch}"
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics (numpy)
-# ----------------------------------------------------------------------------------------------
+# === Metrics (numpy) ===
 def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
     """DVH metrics of one patient as OpenKBP's DoseEvaluator computes them (ababier/open-kbp,
     provided_code/dose_evaluation_class.py): {(metric, roi): value} for the ROIs present. OARs:
@@ -233,9 +229,7 @@ def better(a, b, key):
     return bool(np.isfinite(a)) and (b - a if key in LOWER_IS_BETTER else a - b) >= 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses and task weighting
-# ----------------------------------------------------------------------------------------------
+# === Losses and task weighting ===
 def dose_l1(pred, target_gy, mask):
     """L1 between predicted and reference dose (units of DOSE_SCALE_GY) inside the possible-dose mask."""
     err = (pred - target_gy / DOSE_SCALE_GY).abs() * mask
@@ -262,8 +256,8 @@ def task_losses(outputs, batch, tasks, class_weights=None):
             out[task] = bce_dice(pred, batch[task])
         elif kind == "ce":
             out[task] = F.cross_entropy(pred, batch[task], weight=(class_weights or {}).get(task))
-        else:  # "value": the model returns its loss
-            out[task] = pred
+        else:  # "value": the model returns its loss per case
+            out[task] = pred.mean()
     return out
 
 
@@ -307,11 +301,10 @@ class Weighting(nn.Module):
         self.history = [list(h) for h in state["history"]]
 
 
-# ----------------------------------------------------------------------------------------------
-# Data and model
-# ----------------------------------------------------------------------------------------------
+# === Data and model ===
 def open_splits(cfg, log=print):
-    """{split: Dataset} of the config's HDF5 file (augmentation on the training split only)."""
+    """{split: Dataset} of the config's HDF5 file (augmentation on the training split only); sets
+    cfg["tasks"] and cfg["roi_names"] from the file."""
     if not Path(cfg["data"]).is_file():
         raise UserError(f"{cfg['data']} not found: make it with `python data.py synth {cfg['dataset']} --out "
                         f"{cfg['data']}` (synthetic) or `python data.py convert {cfg['dataset']} RAW_DIR --out {cfg['data']}`")
@@ -319,6 +312,7 @@ def open_splits(cfg, log=print):
               for s in data.SPLITS}
     if splits["train"].dataset != cfg["dataset"]:
         raise UserError(f"{cfg['data']} holds {splits['train'].dataset}, not {cfg['dataset']} (check --data)")
+    cfg.update(tasks=splits["train"].tasks, roi_names=splits["train"].roi_names)
     if splits["train"].synthetic:
         log("!" * 78 + f"\n!! WARNING: {cfg['data']} is a SYNTHETIC stand-in, not the real {cfg['dataset']} data;\n"
               "!! its metrics say nothing about the paper's results or about real patients.\n" + "!" * 78)
@@ -413,26 +407,19 @@ def init_output_bias(model, ds, tasks, n_items=64):
         heads[t].out.bias.copy_(value)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: one step, one epoch, `fit`
-# ----------------------------------------------------------------------------------------------
-def to_device(batch, run):
-    """The image and targets of a batch on the device (non-blocking from pinned memory); bool masks
-    become 0/1 floats there (they travel 4x smaller); the image in the model's memory format."""
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(run.device, non_blocking=True)
-            v = v.float() if v.dtype == torch.bool else v
-        out[k] = v
-    out["image"] = out["image"].contiguous(memory_format=memory_format(run.cfg))
-    return out
+# === Training: one step, one epoch, `fit` ===
+def to_device(batch, run, keys=None):
+    """The tensors of a batch (or those of `keys`) on the device, non-blocking from pinned memory;
+    bool masks become 0/1 floats there (they travel 4x smaller); the image in the model's memory format."""
+    out = {k: v.to(run.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and k in (keys or batch)}
+    out = {k: v.float() if v.dtype == torch.bool else v for k, v in out.items()}
+    return out | {"image": out["image"].contiguous(memory_format=memory_format(run.cfg))}
 
 
 def forward(run, image, net=None):
     """The network under bf16 autocast when cfg['precision'] is bf16 (outputs are cast to float by the losses)."""
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg["precision"] == "bf16"):
-        return (net or run.model)(image)
+        return (net or run.model)(image["image"] if isinstance(image, dict) else image)
 
 
 def all_reduce_mean(tensor, run):
@@ -548,123 +535,104 @@ def fit(run, log=print):
     return best
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# === Evaluation ===
 @torch.no_grad()
 def predict(run, ds):
-    """Yields (batch on the CPU, {task: float32 numpy outputs}) over a dataset in order; only the
-    image goes to the device."""
+    """Yields (case in stored units, {task: float32 prediction of the whole case}) in case order: the
+    axial slices of a 2D run are put back on their index (data.axial_slice). Only images go to the device."""
     run.model.eval()
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    n_slices, pending = len(base) // max(base.num_cases, 1), {}
     loader = torch.utils.data.DataLoader(ds, batch_size=run.cfg["batch_size"], num_workers=run.cfg["workers"],
                                          generator=torch.Generator())  # keeps the global RNG untouched
     for batch in loader:
-        out = forward(run, to_device({"image": batch["image"]}, run)["image"])
-        yield batch, {t: v.float().cpu().numpy() for t, v in out.items()}
+        out = {t: v.float().cpu().numpy() for t, v in forward(run, to_device(batch, run, ("image",))).items()}
+        for j, (c, k) in enumerate(zip(batch["case"].tolist(), batch["slice"].tolist())):
+            if k < 0:
+                yield base.case(c), {t: v[j] for t, v in out.items()}
+                continue
+            p = pending.setdefault(c, {t: np.zeros((*v.shape[1:2], n_slices, *v.shape[2:]), np.float32)
+                                       for t, v in out.items()} | {"seen": 0})
+            for t, v in out.items():
+                p[t][data.axial_slice(k) if v.ndim > 2 else k] = v[j]  # maps, or one value per slice
+            p["seen"] += 1
+            if p["seen"] == n_slices:
+                yield base.case(c), {t: v for t, v in pending.pop(c).items() if t != "seen"}
 
 
 def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
-    """(metrics, notes) of a split: the dataset's metrics (TASKS) plus per-ROI Dice, and one line
-    per warning (e.g. an AUC that is NaN because the split holds one class); previews of the first
-    cases as PNG. `max_cases` keeps the first cases only (all slices of them in 2D)."""
+    """(metrics, notes) of a split: the metrics of TASKS (and Dice per ROI), one note per warning
+    (e.g. an AUC that is NaN because the split holds one class), PNG previews of the first cases.
+    `max_cases` keeps the first cases (all slices of them in 2D)."""
     if max_cases and max_cases < ds.num_cases:
         ds = torch.utils.data.Subset(ds, [i for i in range(len(ds)) if ds.case_of(i) < max_cases])
-    name = run.cfg["dataset"] if "guidance" not in run.cfg["tasks"] else "guidance"
+    previews = [Path(preview_dir) / f"{i}.png" for i in range(n_preview)] if preview_dir else []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = EVALUATORS[name](run, ds, preview_dir, n_preview)
+        evaluator = EVALUATORS["guidance" if "guidance" in run.cfg["tasks"] else run.cfg["dataset"]]
+        metrics = evaluator(run.cfg, predict(run, ds), previews)
     return {k: float(v) for k, v in metrics.items()}, sorted({str(w.message) for w in caught})
 
 
-def _evaluate_rt(run, ds, preview_dir, n_preview):
-    """Dose and structures scored per patient on whole volumes (2D slices put back on their axial
-    index, data.axial_slice). The dose is multiplied by the possible-dose mask first, as the
-    official pipeline does. A dose-only model (guidance) gets no Dice."""
-    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    rois = list(base.roi_names)
-    patients, dices, pending = [], [], {}
-    for batch, out in predict(run, ds):
-        for j, (c, s) in enumerate(zip(batch["case"].tolist(), batch["slice"].tolist())):
-            if c not in pending:
-                raw = base.case(c)
-                pending[c] = {"raw": raw, "seen": 0, "n": raw["dose"].shape[0] if s >= 0 else 1,
-                              "dose": np.zeros(raw["dose"].shape, np.float32),
-                              "structures": np.zeros(raw["structures"].shape, bool)}
-            p = pending[c]
-            where = data.axial_slice(s) if s >= 0 else (Ellipsis,)
-            p["dose"][where] = out["dose"][j, 0] * DOSE_SCALE_GY
-            if "structures" in out:
-                p["structures"][where] = out["structures"][j] > 0
-            p["seen"] += 1
-            if p["seen"] == p["n"]:
-                raw = pending.pop(c)["raw"]
-                pred = p["dose"] * raw["possible_dose_mask"]
-                patients.append(openkbp_patient(pred, raw["dose"], raw["possible_dose_mask"], raw["structures"],
-                                                raw["voxel_dimensions"], roi_names=rois))
-                dices.append(roi_dice(p["structures"], raw["structures"]))
-                if preview_dir and len(patients) <= n_preview:
-                    save_rt_preview(Path(preview_dir) / f"{raw['id']}.png", raw, pred, p["structures"])
-    dose_score, dvh_score = openkbp_aggregate(patients)
-    metrics = {"dose_score": dose_score, "dvh_score": dvh_score}
-    if "structures" in run.cfg["tasks"]:
+def _evaluate_rt(cfg, cases, previews):
+    """Dose and structures scored per patient on whole volumes. The dose is multiplied by the
+    possible-dose mask first, as the official pipeline does; a dose-only model (guidance) gets no Dice."""
+    patients, dices = [], []
+    for i, (raw, pred) in enumerate(cases):
+        dose = pred["dose"][0] * DOSE_SCALE_GY * raw["possible_dose_mask"]
+        masks = pred["structures"] > 0 if "structures" in pred else np.zeros_like(raw["structures"])
+        patients.append(openkbp_patient(dose, raw["dose"], raw["possible_dose_mask"], raw["structures"],
+                                        raw["voxel_dimensions"], roi_names=cfg["roi_names"]))
+        dices.append(roi_dice(masks, raw["structures"]))
+        if i < len(previews):
+            save_rt_preview(previews[i].with_stem(raw["id"]), raw, dose, masks)
+    metrics = dict(zip(("dose_score", "dvh_score"), openkbp_aggregate(patients)))
+    if "structures" in cfg["tasks"]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # an ROI contoured in no patient: NaN
             per_roi = np.nanmean(np.array(dices), 0)
         metrics["dice"] = float(np.nanmean(per_roi)) if np.isfinite(per_roi).any() else float("nan")
-        metrics.update({f"dice_{r}": v for r, v in zip(rois, per_roi)})
+        metrics.update({f"dice_{r}": v for r, v in zip(cfg["roi_names"], per_roi)})
     return metrics
 
 
-def _evaluate_ham(run, ds, preview_dir, n_preview):
+def _evaluate_ham(cfg, cases, previews):
     """Lesion masks at the stored resolution; diagnosis by argmax (balanced accuracy) and softmax (AUC)."""
-    masks, refs, y_true, prob = [], [], [], []
-    for batch, out in predict(run, ds):
-        for j in range(len(batch["id"])):
-            masks.append(out["segmentation"][j, 0] > 0)
-            refs.append(batch["segmentation"][j, 0].numpy())
-            y_true.append(int(batch["diagnosis"][j]))
-            prob.append(torch.softmax(torch.from_numpy(out["diagnosis"][j]), 0).numpy())
-            if preview_dir and len(masks) <= n_preview:
-                save_ham_preview(Path(preview_dir) / f"{batch['id'][j]}.png", batch, j, masks[-1], prob[-1])
-    prob = np.array(prob)
+    masks, refs, y, prob = [], [], [], []
+    for i, (raw, pred) in enumerate(cases):
+        masks.append(pred["segmentation"][0] > 0)
+        refs.append(raw["segmentation"])
+        y.append(raw["diagnosis"])
+        prob.append(torch.softmax(torch.from_numpy(pred["diagnosis"]), 0).numpy())
+        if i < len(previews):
+            k = int(np.argmax(prob[-1]))
+            save_panels(previews[i].with_stem(raw["id"]), [raw["image"], overlay(raw["image"], refs[-1][None]),
+                                                           overlay(raw["image"], masks[-1][None])],
+                        ["image", f"truth {data.HAM_CLASSES[y[-1]]}", f"pred {data.HAM_CLASSES[k]} {prob[-1][k]:.2f}"])
     return {"dice": float(np.mean([dice(p, r) for p, r in zip(masks, refs)])), "isic_jaccard": isic_jaccard(masks, refs),
-            "balanced_accuracy": balanced_accuracy(y_true, prob.argmax(1)), "auc": roc_auc_macro(y_true, prob, "auc")}
+            "balanced_accuracy": balanced_accuracy(y, np.argmax(prob, 1)), "auc": roc_auc_macro(y, np.array(prob), "auc")}
 
 
-def _evaluate_stoic(run, ds, preview_dir, n_preview):
+def _evaluate_stoic(cfg, cases, previews):
     """STOIC 2021: AUC of severe among the COVID-positive cases (the challenge metric), AUC of COVID."""
     y, p = {"covid": [], "severe": []}, {"covid": [], "severe": []}
-    for batch, out in predict(run, ds):
+    for i, (raw, pred) in enumerate(cases):
         for t in y:
-            y[t] += batch[t].tolist()
-            p[t] += torch.softmax(torch.from_numpy(out[t]), 1)[:, 1].tolist()
-        for j, case_id in enumerate(batch["id"]):
-            k = len(y["covid"]) - len(batch["id"]) + j
-            if preview_dir and k < n_preview:
-                vol = batch["image"][j, 0]  # the middle axial slice (axis 0 = z)
-                save_panels(Path(preview_dir) / f"{case_id}.png", [grey(vol[len(vol) // 2])],
-                            [f"covid {y['covid'][k]} ({p['covid'][k]:.2f}) severe {y['severe'][k]} ({p['severe'][k]:.2f})"])
-    covid, severe, p_severe = np.array(y["covid"]), np.array(y["severe"]), np.array(p["severe"])
-    return {"auc_severe": roc_auc(severe[covid == 1], p_severe[covid == 1], "auc_severe (among COVID-positive)"),
+            y[t].append(raw[t])
+            p[t].append(float(torch.softmax(torch.from_numpy(pred[t]), 0)[1]))
+        if i < len(previews):  # the middle axial slice (axis 0 = z)
+            save_panels(previews[i].with_stem(raw["id"]), [grey(raw["image"][len(raw["image"]) // 2])],
+                        [f"covid {y['covid'][-1]} ({p['covid'][-1]:.2f}) severe {y['severe'][-1]} ({p['severe'][-1]:.2f})"])
+    covid, severe = np.array(y["covid"]) == 1, np.array(y["severe"])
+    return {"auc_severe": roc_auc(severe[covid], np.array(p["severe"])[covid], "auc_severe (among COVID-positive)"),
             "auc_covid": roc_auc(covid, p["covid"], "auc_covid")}
 
 
-def _evaluate_guidance(run, ds, preview_dir, n_preview):
-    """Stage (b) of guidance: G's MSE to the superior features, averaged over the cases."""
-    total, n = 0.0, 0
-    for batch, out in predict(run, ds):
-        total += float(out["guidance"]) * len(batch["id"])
-        n += len(batch["id"])
-    return {"guidance_mse": total / n}
-
-
 EVALUATORS = {"openkbp": _evaluate_rt, "prostate": _evaluate_rt, "ham10000": _evaluate_ham, "stoic": _evaluate_stoic,
-              "guidance": _evaluate_guidance}
+              "guidance": lambda cfg, cases, previews: {"guidance_mse": np.mean([p["guidance"] for _, p in cases])}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Outputs: previews (pillow + numpy), atomic files, checkpoints, results
-# ----------------------------------------------------------------------------------------------
+# === Outputs: previews (pillow + numpy), atomic files, checkpoints, results ===
 _CMAP = np.array([[48, 18, 59], [70, 131, 249], [27, 208, 213], [97, 252, 108],
                   [210, 233, 53], [254, 155, 45], [217, 56, 6], [122, 4, 3]], np.float64)  # turbo-like
 _ROI_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -719,15 +687,6 @@ def save_rt_preview(path, raw, pred_dose, pred_structures):
     panels = [ct, colour_map(raw["dose"][z] / vmax), colour_map(pred_dose[z] / vmax), bar,
               overlay(ct, np.asarray(raw["structures"])[z]), overlay(ct, pred_structures[z])]
     save_panels(path, panels, ["CT", "dose", "pred", f"0-{vmax:.0f} Gy", "ROIs", "pred"])
-
-
-def save_ham_preview(path, batch, j, pred_mask, prob):
-    """Image | lesion truth + diagnosis | predicted lesion + diagnosis (probability)."""
-    x = batch["image"][j].permute(1, 2, 0).numpy() * data.RGB_STD + data.RGB_MEAN
-    rgb, k = (x.clip(0, 1) * 255).astype(np.uint8), int(np.argmax(prob))
-    truth = data.HAM_CLASSES[int(batch["diagnosis"][j])]
-    save_panels(path, [rgb, overlay(rgb, batch["segmentation"][j].numpy()), overlay(rgb, pred_mask[None])],
-                ["image", f"truth {truth}", f"pred {data.HAM_CLASSES[k]} {prob[k]:.2f}"])
 
 
 def atomic_write(obj, path):
@@ -809,8 +768,7 @@ def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# Deep multimodal guidance (Mallya & Hamarneh, MICCAI 2022) for dose: --arch guidance
+# === Deep multimodal guidance (Mallya & Hamarneh, MICCAI 2022) for dose: --arch guidance ===
 # The paper trains on a cheap "inferior" modality, guided by a model of a costly "superior" one that
 # is absent at inference. Here (ours: the paper guides classifiers) superior input = CT + the R
 # expert ROI masks, inferior input = CT alone, task = dose. Each stage is a run of its own in
@@ -821,7 +779,6 @@ def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
 #   c_guided    the superior decoder on G(inferior features): nothing to train, scored on test
 #   d_combined  a new decoder on [f ; G(f)], trained with the inferior encoder and G frozen
 # Models (c) and (d) read the CT only. --stage X runs stage X alone from the earlier stages' best.pt.
-# ----------------------------------------------------------------------------------------------
 GUIDANCE = {"a_inferior": "CT", "a_superior": "CT + ROI masks", "b_guidance": "G: CT features -> CT + masks",
             "c_guided": "CT: superior decoder on G(f)", "d_combined": "CT: new decoder on [f ; G(f)]"}
 DOSE_TASK = {"dose": ("pixel", 1)}
@@ -859,7 +816,7 @@ class Frozen(nn.Module):
 
 
 class GuidanceStage(Frozen):
-    """Stage (b): the output is G's MSE to the superior features, averaged over the encoder scales."""
+    """Stage (b): the output is G's MSE to the superior features, per case, averaged over the encoder scales."""
     frozen = ("inferior", "superior")
 
     def __init__(self, inferior, superior, guidance):
@@ -872,7 +829,8 @@ class GuidanceStage(Frozen):
             f_inf = self.inferior.features(x[:, :1])["dose"]
             f_sup = self.superior.features(x)["dose"]
         guided = self.guidance(f_inf)
-        return {"guidance": sum(F.mse_loss(g.float(), t.float()) for g, t in zip(guided, f_sup)) / len(f_sup)}
+        return {"guidance": sum((g.float() - t.float()).square().flatten(1).mean(1) for g, t in zip(guided, f_sup))
+                / len(f_sup)}  # (B,): one MSE per case
 
 
 class CombinedGuidedModel(Frozen, ctan.GuidedModel):
@@ -958,9 +916,7 @@ def run_guidance(cfg, log=print):
     return summary
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark (--bench): training steps at the dataset's real input size, several archs interleaved
-# ----------------------------------------------------------------------------------------------
+# === Benchmark (--bench): training steps at the dataset's real input size, several archs interleaved ===
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense bf16, datasheets
 
 
@@ -1057,9 +1013,7 @@ def bench(cfg, log=print):
     return {"results": results, "ratios": ratios}
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+# === Command line ===
 RUNTIME_KEYS = ("device", "workers", "precision", "channels_last", "compile", "log_every", "stop_after", "out",
                 "resume", "overwrite", "stl")  # may change on --resume; everything else comes from last.pt
 
@@ -1137,7 +1091,6 @@ def run_training(args, log=print):
         if cfg["arch"] == "guidance":
             return run_guidance(cfg, log)
         splits = open_splits(cfg, log)
-        cfg["tasks"] = splits["train"].tasks
         if cfg.get("eval_only"):
             ck_cfg = load_checkpoint(cfg["eval_only"])["config"]
             if (ck_cfg["dataset"], ck_cfg["arch"]) != (cfg["dataset"], cfg["arch"]):
