@@ -63,7 +63,6 @@ TASKS = {
     "guidance": ("value", ("guidance_mse",)),  # stage (b) of --arch guidance: the output is G's MSE
 }
 LOWER_IS_BETTER = {"dose_score", "dvh_score", "guidance_mse"}
-MODEL_KEYS = ("arch", "dataset", "data", "dims", "width", "depth", "transition")  # from the checkpoint on --resume
 RUN_FILES = ("results.json", "results_eval.json", "metrics.jsonl", "last.pt", "best.pt")
 OPENKBP_ROIS = data.OPENKBP_ROIS  # the official ROI order: 7 OARs, then PTV56, PTV63, PTV70
 
@@ -100,7 +99,7 @@ def resolve_config(args):
 
 
 def run_name(cfg, arch):
-    """Default run folder name: the data file's name, 3d for volumes, the arch (runs on different data stay apart)."""
+    """Default run folder: data file name, 3d for volumes, arch (runs on different data stay apart)."""
     return f"{Path(cfg['data']).stem}{'-3d' if cfg['dims'] == 3 else ''}-{arch}"
 
 
@@ -336,9 +335,8 @@ def distributed():
 
 
 def memory_format(cfg):
-    if not cfg["channels_last"]:
-        return torch.contiguous_format
-    return torch.channels_last if cfg["dims"] == 2 else torch.channels_last_3d
+    channels_last = torch.channels_last if cfg["dims"] == 2 else torch.channels_last_3d
+    return channels_last if cfg["channels_last"] else torch.contiguous_format
 
 
 def make_run(cfg, model, splits, steps_per_epoch=None):
@@ -410,9 +408,11 @@ def init_output_bias(model, ds, tasks, n_items=64):
 # === Training: one step, one epoch, `fit` ===
 def to_device(batch, run, keys=None):
     """The tensors of a batch (or those of `keys`) on the device, non-blocking from pinned memory;
-    bool masks become 0/1 floats there (they travel 4x smaller); the image in the model's memory format."""
+    bool masks become 0/1 floats there (they travel 4x smaller); the model's input in its memory format."""
     out = {k: v.to(run.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and k in (keys or batch)}
     out = {k: v.float() if v.dtype == torch.bool else v for k, v in out.items()}
+    if run.cfg.get("superior_input"):  # guidance: CT + the R structure masks
+        out["image"] = torch.cat([out["image"], out["structures"]], 1)
     return out | {"image": out["image"].contiguous(memory_format=memory_format(run.cfg))}
 
 
@@ -546,7 +546,8 @@ def predict(run, ds):
     loader = torch.utils.data.DataLoader(ds, batch_size=run.cfg["batch_size"], num_workers=run.cfg["workers"],
                                          generator=torch.Generator())  # keeps the global RNG untouched
     for batch in loader:
-        out = {t: v.float().cpu().numpy() for t, v in forward(run, to_device(batch, run, ("image",))).items()}
+        keys = ("image", "structures") if run.cfg.get("superior_input") else ("image",)
+        out = {t: v.float().cpu().numpy() for t, v in forward(run, to_device(batch, run, keys)).items()}
         for j, (c, k) in enumerate(zip(batch["case"].tolist(), batch["slice"].tolist())):
             if k < 0:
                 yield base.case(c), {t: v[j] for t, v in out.items()}
@@ -769,39 +770,12 @@ def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
 
 
 # === Deep multimodal guidance (Mallya & Hamarneh, MICCAI 2022) for dose: --arch guidance ===
-# The paper trains on a cheap "inferior" modality, guided by a model of a costly "superior" one that
-# is absent at inference. Here (ours: the paper guides classifiers) superior input = CT + the R
-# expert ROI masks, inferior input = CT alone, task = dose. Each stage is a run of its own in
-# OUT/<stage>/, trained by `fit` like any arch (so --resume works per stage):
-#   a_inferior, a_superior  an STL dose model on each input
-#   b_guidance  G (ctan.GuidanceNetwork) maps the inferior encoder features to the superior ones
-#               (MSE averaged over the scales); both (a) models frozen
-#   c_guided    the superior decoder on G(inferior features): nothing to train, scored on test
-#   d_combined  a new decoder on [f ; G(f)], trained with the inferior encoder and G frozen
-# Models (c) and (d) read the CT only. --stage X runs stage X alone from the earlier stages' best.pt.
+# Superior input = CT + the R expert ROI masks, inferior input = CT alone (ours: the paper guides
+# classifiers). Each stage is a run of its own in OUT/<stage>/, trained by `fit` like any arch;
+# (c) and (d) read the CT only. README "Deep multimodal guidance" describes the stages.
 GUIDANCE = {"a_inferior": "CT", "a_superior": "CT + ROI masks", "b_guidance": "G: CT features -> CT + masks",
             "c_guided": "CT: superior decoder on G(f)", "d_combined": "CT: new decoder on [f ; G(f)]"}
 DOSE_TASK = {"dose": ("pixel", 1)}
-
-
-class SuperiorInput(torch.utils.data.Dataset):
-    """A planning split whose items carry the superior input: "image" = [CT ; R structure masks]."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, index):
-        item = dict(self.ds[index])
-        item["image"] = torch.cat([item["image"], item["structures"]], 0)
-        return item
-
-    def __getattr__(self, name):  # everything else from the wrapped split (guarded for unpickling)
-        if name == "ds":
-            raise AttributeError(name)
-        return getattr(self.ds, name)
 
 
 class Frozen(nn.Module):
@@ -889,7 +863,7 @@ def run_guidance(cfg, log=print):
         sub["resume"] = cfg["resume"] and (Path(sub["out"]) / "last.pt").exists()
         if entry == "b_guidance":
             sub.update(tasks={"guidance": ("value", 1)}, select="guidance_mse")
-        wrap = SuperiorInput if entry in ("a_superior", "b_guidance") else (lambda ds: ds)
+        sub["superior_input"] = entry in ("a_superior", "b_guidance")
         model = stage_model(sub, entry, n_rois)
         log(f"stage {entry} ({reads}): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
             "trained parameters")
@@ -900,7 +874,7 @@ def run_guidance(cfg, log=print):
             log("test (c_guided): " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             results[entry] = report(run, metrics, None, None, notes, log)["test"]
         else:
-            out = experiment(sub, model, {s: wrap(ds) for s, ds in splits.items()}, log)
+            out = experiment(sub, model, splits, log)
             if "stopped_after" in out:
                 return out
             if entry != "b_guidance":
@@ -1015,7 +989,8 @@ def bench(cfg, log=print):
 
 # === Command line ===
 RUNTIME_KEYS = ("device", "workers", "precision", "channels_last", "compile", "log_every", "stop_after", "out",
-                "resume", "overwrite", "stl")  # may change on --resume; everything else comes from last.pt
+                "resume", "overwrite", "stl", "eval_only")  # not taken from last.pt on --resume
+MODEL_KEYS = ("dataset", "arch", "dims", "width", "depth", "transition")  # taken from the checkpoint by --eval-only
 
 
 def check_out(cfg, log):
@@ -1041,17 +1016,18 @@ def check_out(cfg, log):
         log(f"--overwrite: removed {len(held)} files of the earlier run in {out}")
 
 
-def resume_config(cfg, args):
-    """On --resume the run's settings come from its last.pt (a guidance run's: its first stage's); an
-    option given now that differs from them is an error."""
-    path = min(Path(cfg["out"]).glob("**/last.pt"))
+def checkpoint_config(cfg, args):
+    """--resume: the run's settings come from its last.pt (a guidance run's: its first stage's);
+    --eval-only: the model's settings come from the checkpoint. A given option that differs is an error."""
+    path = Path(cfg["eval_only"]) if cfg.get("eval_only") else min(Path(cfg["out"]).glob("**/last.pt"))
     ck_cfg = load_checkpoint(path)["config"]
     ck_cfg["arch"] = ck_cfg["arch"].split()[0]  # "guidance a_inferior" -> "guidance"
-    for key, value in vars(args).items():
-        if value is not None and key not in RUNTIME_KEYS and json.dumps(value) != json.dumps(ck_cfg.get(key, value)):
-            raise UserError(f"--resume: {path} was made with {key}={ck_cfg[key]!r}, not {value!r}: resume without "
-                            "that option, or start a new --out")
-    return {**ck_cfg, **{k: cfg.get(k) for k in RUNTIME_KEYS}}
+    keys = MODEL_KEYS if cfg.get("eval_only") else [k for k in ck_cfg if k not in RUNTIME_KEYS]
+    for key in keys:
+        if getattr(args, key, None) is not None and json.dumps(getattr(args, key)) != json.dumps(ck_cfg[key]):
+            raise UserError(f"{path} was made with {key}={ck_cfg[key]!r}, not {getattr(args, key)!r}: leave that "
+                            "option out, or start a new run")
+    return {**cfg, **{k: ck_cfg[k] for k in keys}}
 
 
 def experiment(cfg, model, splits, log=print):
@@ -1077,7 +1053,7 @@ def run_training(args, log=print):
     if cfg.get("bench"):
         return bench(cfg, log)
     check_out(cfg, log)
-    cfg = resume_config(cfg, args) if cfg["resume"] else cfg
+    cfg = checkpoint_config(cfg, args) if cfg["resume"] or cfg.get("eval_only") else cfg
     out, fresh = Path(cfg["out"]), not Path(cfg["out"]).exists()
     rank, world, local_rank = distributed()
     log = log if rank == 0 else (lambda *a, **k: None)
@@ -1092,11 +1068,6 @@ def run_training(args, log=print):
             return run_guidance(cfg, log)
         splits = open_splits(cfg, log)
         if cfg.get("eval_only"):
-            ck_cfg = load_checkpoint(cfg["eval_only"])["config"]
-            if (ck_cfg["dataset"], ck_cfg["arch"]) != (cfg["dataset"], cfg["arch"]):
-                raise UserError(f"--eval-only: {cfg['eval_only']} is {ck_cfg['arch']} on {ck_cfg['dataset']}, "
-                                f"not {cfg['arch']} on {cfg['dataset']}")
-            cfg.update({k: ck_cfg[k] for k in MODEL_KEYS[3:]})
             run = make_run(cfg, build_model(cfg, cfg["tasks"], splits["train"].in_channels), splits)
             metrics, epoch, notes = test(run, cfg["eval_only"], log)
             return report(run, metrics, None, epoch, notes, log, name="results_eval.json")
@@ -1151,8 +1122,6 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"))
     p.add_argument("--weighting", choices=("equal", "dwa", "uncertainty", "mfe"),
                    help="task loss weighting (default equal; mfe, L_pixel + 0.25 L_image, is --arch mfe's default)")
-    p.add_argument("--class-weights", action="store_true", default=None, help="inverse-frequency class weights")
-    p.add_argument("--augment", action="store_true", default=None, help="training augmentation (data.py)")
     p.add_argument("--width", type=POSITIVE, help="base channels of the network")
     p.add_argument("--depth", type=checked(lambda s: tuple(int(x) for x in s.split(",")),
                                            lambda v: len(v) == 4 and min(v) > 0, "four positive integers, e.g. 3,4,6,3"),
@@ -1162,8 +1131,6 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (default on CUDA) or fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     p.add_argument("--out", help="run folder (default runs/DATAFILE[-3d]-ARCH)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its last.pt")
-    p.add_argument("--overwrite", action="store_true", default=None, help="start over in an --out that holds a run")
     p.add_argument("--eval-only", metavar="CKPT", help="evaluate CKPT on the test split (results_eval.json)")
     p.add_argument("--stl", help="the STL run (folder or results.json) for Delta_MTL (default runs/DATAFILE-stl)")
     p.add_argument("--workers", type=checked(int, lambda v: v >= 0, "an integer >= 0"), help="DataLoader workers")
@@ -1171,12 +1138,15 @@ def parse_args(argv=None):
     p.add_argument("--max-eval-cases", type=POSITIVE, help="validate on the first N cases only (test uses all)")
     p.add_argument("--stop-after", type=POSITIVE, help="stop after this epoch as if interrupted (then --resume)")
     p.add_argument("--log-every", type=checked(float, lambda v: v >= 0, "a number >= 0"), help="seconds between lines")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step's model")
-    p.add_argument("--checkpointing", action="store_true", default=None, help="recompute encoder stages (3D memory)")
     p.add_argument("--transition", choices=("block", "conv"), help="mtan/ctan: official block (default) or 1x1 conv")
-    p.add_argument("--bench", action="store_true", default=None, help="time training steps, print JSON lines")
     p.add_argument("--steps", type=POSITIVE, help="timed steps for --bench (default 20)")
     p.add_argument("--peak-tflops", type=checked(float, lambda v: v > 0, "a positive number"), help="for --bench MFU")
+    for flag, text in (("--class-weights", "inverse-frequency class weights"), ("--augment", "training augmentation"),
+                       ("--resume", "continue the run in --out from its last.pt"), ("--compile", "torch.compile"),
+                       ("--overwrite", "start over in an --out that holds a run"),
+                       ("--checkpointing", "recompute encoder stages in the backward pass (3D memory)"),
+                       ("--bench", "time training steps of each --arch, print JSON lines")):
+        p.add_argument(flag, action="store_true", default=None, help=text)
     args = p.parse_args(argv)
     several = "," in args.arch
     if several and not args.bench or args.arch == "guidance" and (args.bench or args.eval_only):
