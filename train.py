@@ -105,10 +105,9 @@ def run_name(cfg, arch):
 
 # === Metrics (numpy) ===
 def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
-    """DVH metrics of one patient as OpenKBP's DoseEvaluator computes them (ababier/open-kbp,
-    provided_code/dose_evaluation_class.py): {(metric, roi): value} for the ROIs present. OARs:
-    D_0.1_cc (percentile 100 - n/|roi|*100, n = max(1, round(100 / voxel mm^3)); clipped at 0 where
-    the official code crashes) and mean; targets (PTV*): D_99, D_95, D_1 = percentiles 1, 5, 99."""
+    """DVH metrics of one patient as OpenKBP's DoseEvaluator (provided_code/dose_evaluation_class.py):
+    {(metric, roi): value} for the ROIs present. OARs: D_0.1_cc (percentile 100 - n/|roi|*100, n =
+    max(1, round(100 / voxel mm^3)), clipped at 0) and mean; targets (PTV*): percentiles 1, 5, 99."""
     if len(roi_names) != len(structure_masks):
         raise ValueError(f"{len(structure_masks)} structure masks for {len(roi_names)} ROI names")
     dose = np.asarray(dose, dtype=np.float64).ravel()
@@ -128,10 +127,9 @@ def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS)
 
 
 def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
-    """One patient: (sum|ref - pred| / |possible-dose mask|, [|ref - pred| per DVH metric of the
-    reference's ROIs]); the reference masks serve both doses."""
-    pred = np.asarray(pred, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
+    """(sum|ref - pred| / |possible-dose mask|, [|ref - pred| per DVH metric]) of one patient; the
+    reference's masks serve both doses."""
+    pred, ref = np.asarray(pred, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     ref_dvh = openkbp_dvh(ref, structure_masks, voxel_dimensions, roi_names)
     pred_dvh = openkbp_dvh(pred, structure_masks, voxel_dimensions, roi_names)
     return float(np.abs(ref - pred).sum() / np.sum(possible_dose_mask)), [abs(ref_dvh[k] - pred_dvh[k]) for k in ref_dvh]
@@ -198,11 +196,10 @@ def roc_auc(y_true, score, name="AUC"):
 
 def roc_auc_macro(y_true, prob, name="AUC"):
     """Macro one-vs-rest AUC over the classes present in y_true (ISIC 2018 Task 3 reports per-class AUC)."""
-    y_true, prob = np.asarray(y_true), np.asarray(prob)
-    present = np.unique(y_true)
-    if len(present) < 2:
-        return roc_auc(y_true == present[0], prob[:, present[0]], name)
-    return float(np.mean([roc_auc(y_true == k, prob[:, k], name) for k in present]))
+    y_true, prob = np.asarray(y_true), np.asarray(prob, dtype=np.float64)
+    if not np.isfinite(prob).all():
+        raise ValueError(f"{name}: {np.sum(~np.isfinite(prob))} scores are NaN or inf")
+    return float(np.mean([roc_auc(y_true == k, prob[:, k], name) for k in np.unique(y_true)]))
 
 
 def delta_mtl(metrics, stl_metrics, tasks):
@@ -244,20 +241,17 @@ def bce_dice(logits, target, smooth=1.0):
     return bce + (1 - soft_dice.mean())
 
 
+LOSSES = {  # (prediction, batch, task, class weights) -> scalar loss
+    "dose_l1": lambda pred, batch, task, w: dose_l1(pred, batch[task], batch["possible_dose_mask"]),
+    "bce_dice": lambda pred, batch, task, w: bce_dice(pred, batch[task]),
+    "ce": lambda pred, batch, task, w: F.cross_entropy(pred, batch[task], weight=(w or {}).get(task)),
+    "value": lambda pred, batch, task, w: pred.mean(),  # the model returns its loss per case
+}
+
+
 def task_losses(outputs, batch, tasks, class_weights=None):
     """{task: scalar loss} of a batch; each task's loss is named in TASKS."""
-    out = {}
-    for task in tasks:
-        pred, kind = outputs[task].float(), TASKS[task][0]
-        if kind == "dose_l1":
-            out[task] = dose_l1(pred, batch[task], batch["possible_dose_mask"])
-        elif kind == "bce_dice":
-            out[task] = bce_dice(pred, batch[task])
-        elif kind == "ce":
-            out[task] = F.cross_entropy(pred, batch[task], weight=(class_weights or {}).get(task))
-        else:  # "value": the model returns its loss per case
-            out[task] = pred.mean()
-    return out
+    return {t: LOSSES[TASKS[t][0]](outputs[t].float(), batch, t, class_weights) for t in tasks}
 
 
 class Weighting(nn.Module):
@@ -302,24 +296,24 @@ class Weighting(nn.Module):
 
 # === Data and model ===
 def open_splits(cfg, log=print):
-    """{split: Dataset} of the config's HDF5 file (augmentation on the training split only); sets
+    """{split: Dataset} of the config's HDF5 file (augmented training split with --augment); sets
     cfg["tasks"] and cfg["roi_names"] from the file."""
-    if not Path(cfg["data"]).is_file():
-        raise UserError(f"{cfg['data']} not found: make it with `python data.py synth {cfg['dataset']} --out "
-                        f"{cfg['data']}` (synthetic) or `python data.py convert {cfg['dataset']} RAW_DIR --out {cfg['data']}`")
-    splits = {s: data.open_dataset(cfg["data"], s, dims=cfg["dims"], augment=cfg["augment"] and s == "train")
-              for s in data.SPLITS}
-    if splits["train"].dataset != cfg["dataset"]:
-        raise UserError(f"{cfg['data']} holds {splits['train'].dataset}, not {cfg['dataset']} (check --data)")
+    path, name = cfg["data"], cfg["dataset"]
+    if not Path(path).is_file():
+        raise UserError(f"{path} not found: make it with `python data.py synth {name} --out {path}` (synthetic) "
+                        f"or `python data.py convert {name} RAW_DIR --out {path}`")
+    splits = {s: data.open_dataset(path, s, cfg["dims"], cfg["augment"] and s == "train") for s in data.SPLITS}
+    if splits["train"].dataset != name:
+        raise UserError(f"{path} holds {splits['train'].dataset}, not {name} (check --data)")
     cfg.update(tasks=splits["train"].tasks, roi_names=splits["train"].roi_names)
     if splits["train"].synthetic:
-        log("!" * 78 + f"\n!! WARNING: {cfg['data']} is a SYNTHETIC stand-in, not the real {cfg['dataset']} data;\n"
-              "!! its metrics say nothing about the paper's results or about real patients.\n" + "!" * 78)
+        log("!" * 78 + f"\n!! WARNING: {path} is a SYNTHETIC stand-in, not the real {name} data;\n"
+            "!! its metrics say nothing about the paper's results or about real patients.\n" + "!" * 78)
     return splits
 
 
 def build_model(cfg, tasks, in_channels):
-    """The network of cfg['arch'] (ctan.build_model), seeded so that the same config starts the same."""
+    """The network of cfg['arch'] (ctan.build_model), seeded: the same config starts the same."""
     torch.manual_seed(cfg["seed"])
     options = {"transition": cfg["transition"]} if cfg["arch"] in ("mtan", "ctan") else {}
     try:
@@ -340,9 +334,9 @@ def memory_format(cfg):
 
 
 def make_run(cfg, model, splits, steps_per_epoch=None):
-    """Everything a training run holds: the model on its device (`run.model`, whose state_dict the
-    checkpoints keep) and what the step calls (`run.net`: DDP under torchrun, then torch.compile'd
-    with --compile), task weighting, AdamW, a cosine schedule, the splits."""
+    """What a training run holds: the model on its device (`run.model`, whose state_dict checkpoints
+    keep), what the step calls (`run.net`: DDP under torchrun, then torch.compile'd with --compile),
+    task weighting, AdamW over the trainable parameters, a cosine schedule, the splits."""
     torch.manual_seed(cfg["seed"])
     rank, world, local_rank = distributed()
     device = torch.device(cfg["device"], local_rank) if cfg["device"] == "cuda" else torch.device(cfg["device"])
@@ -353,15 +347,12 @@ def make_run(cfg, model, splits, steps_per_epoch=None):
         import torch._inductor.config as inductor_config
         inductor_config.fallback_random = True  # dropout draws as in eager mode: the same losses
         net = torch.compile(net, dynamic=False)
-    tasks = list(cfg["tasks"])
-    image_tasks = [t for t, (kind, _) in cfg["tasks"].items() if kind == "image"]
-    weighting = Weighting(cfg["weighting"], tasks, image_tasks=image_tasks).to(device)
+    tasks = cfg["tasks"]
+    weighting = Weighting(cfg["weighting"], tasks, image_tasks=[t for t in tasks if tasks[t][0] == "image"]).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(weighting.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
-    if steps_per_epoch is None:
-        per_step = cfg["batch_size"] * world
-        steps_per_epoch = max(1, len(splits["train"]) // per_step)
-        steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"] or steps_per_epoch)
+    steps_per_epoch = steps_per_epoch or min(max(1, len(splits["train"]) // (cfg["batch_size"] * world)),
+                                             cfg["max_steps_per_epoch"] or 10**9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg["epochs"])
     run = SimpleNamespace(cfg=cfg, device=device, model=model, net=net, weighting=weighting, optimizer=optimizer,
                           scheduler=scheduler, steps_per_epoch=steps_per_epoch, class_weights=None, rank=rank,
@@ -376,11 +367,10 @@ def make_run(cfg, model, splits, steps_per_epoch=None):
 def class_weights_from(ds, tasks, device):
     """Inverse-frequency class weights (mean 1 over the classes present) of each classification task."""
     out = {}
-    for t in tasks:
-        if TASKS[t][0] == "ce":
-            counts = np.bincount([int(ds.case(i)[t]) for i in range(ds.num_cases)], minlength=ds.tasks[t][1])
-            w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
-            out[t] = torch.tensor(w / w[w > 0].mean(), dtype=torch.float32, device=device)
+    for t in (t for t in tasks if TASKS[t][0] == "ce"):
+        counts = np.bincount([ds.case(i)[t] for i in range(ds.num_cases)], minlength=tasks[t][1])
+        w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
+        out[t] = torch.tensor(w / w[w > 0].mean(), dtype=torch.float32, device=device)
     return out
 
 
@@ -388,13 +378,10 @@ def class_weights_from(ds, tasks, device):
 def init_output_bias(model, ds, tasks, n_items=64):
     """Prior initialisation of the pixel heads' output bias (ours; the prior of Lin et al., ICCV 2017):
     segmentation logits start at the mean foreground fraction per channel, dose at the mean scaled
-    dose in the possible-dose mask, both from n_items training items spread over the split. Without
-    it small ROIs (0.1-1 % of voxels) take thousands of steps just to move the bias to about -6."""
-    heads = getattr(model, "heads", {})
-    tasks = [t for t in tasks if TASKS[t][0] in ("bce_dice", "dose_l1") and t in heads]
-    if not tasks:
-        return
-    items = [ds[int(i)] for i in np.unique(np.linspace(0, len(ds) - 1, min(n_items, len(ds))).round())]
+    dose in the possible-dose mask, from n_items training items spread over the split. Without it
+    small ROIs (0.1-1 % of voxels) take thousands of steps just to move the bias to about -6."""
+    tasks = [t for t in tasks if TASKS[t][0] in ("bce_dice", "dose_l1") and t in getattr(model, "heads", {})]
+    items = [ds[int(i)] for i in np.unique(np.linspace(0, len(ds) - 1, min(n_items, len(ds))).round())] if tasks else []
     for t in tasks:
         target = torch.stack([it[t] for it in items]).transpose(0, 1).flatten(1).double()  # (C, N)
         if TASKS[t][0] == "dose_l1":
@@ -402,7 +389,7 @@ def init_output_bias(model, ds, tasks, n_items=64):
             value = (target * mask).sum(1) / mask.sum().clamp_min(1) / DOSE_SCALE_GY
         else:
             value = torch.logit(target.mean(1).clamp(1e-4, 0.5))
-        heads[t].out.bias.copy_(value)
+        model.heads[t].out.bias.copy_(value)
 
 
 # === Training: one step, one epoch, `fit` ===
@@ -416,10 +403,10 @@ def to_device(batch, run, keys=None):
     return out | {"image": out["image"].contiguous(memory_format=memory_format(run.cfg))}
 
 
-def forward(run, image, net=None):
-    """The network under bf16 autocast when cfg['precision'] is bf16 (outputs are cast to float by the losses)."""
+def forward(run, batch, net=None):
+    """The network on a batch's image, under bf16 autocast when cfg['precision'] is bf16."""
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg["precision"] == "bf16"):
-        return (net or run.model)(image["image"] if isinstance(image, dict) else image)
+        return (net or run.model)(batch["image"])
 
 
 def all_reduce_mean(tensor, run):
@@ -431,22 +418,21 @@ def all_reduce_mean(tensor, run):
 
 def train_step(run, batch):
     """One optimisation step on a batch on the device. Returns ({task: loss}, total), not synchronised."""
-    losses = task_losses(forward(run, batch["image"], run.net), batch, run.cfg["tasks"], run.class_weights)
+    losses = task_losses(forward(run, batch, run.net), batch, run.cfg["tasks"], run.class_weights)
     total = run.weighting(losses)
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()
-    if run.world > 1:  # the learnable loss weights live outside DDP: average their gradients here
-        for p in run.weighting.parameters():
-            p.grad = all_reduce_mean(p.grad, run)
+    for p in run.weighting.parameters() if run.world > 1 else []:  # learnable loss weights live outside DDP
+        p.grad = all_reduce_mean(p.grad, run)
     run.optimizer.step()
     run.scheduler.step()
     return losses, total
 
 
 def train_loader(run):
-    """One loader for the whole run (workers persist between epochs). Its sampler's order depends
-    only on (seed, epoch): a resumed run sees the same batches; under torchrun each process takes
-    a disjoint 1/world of them."""
+    """One loader for the whole run (workers persist between epochs). The sampler's order depends on
+    (seed, epoch) alone, so a resumed run sees the same batches; under torchrun each process takes a
+    disjoint 1/world of them."""
     sampler = torch.utils.data.DistributedSampler(run.train_ds, run.world, run.rank, shuffle=True, seed=run.cfg["seed"])
     return torch.utils.data.DataLoader(run.train_ds, batch_size=run.cfg["batch_size"], sampler=sampler,
                                        drop_last=len(sampler) > run.cfg["batch_size"], num_workers=run.cfg["workers"],
@@ -454,12 +440,12 @@ def train_loader(run):
 
 
 def train_one_epoch(run, loader, epoch, log):
-    """At most steps_per_epoch steps. Losses are summed on the device (no per-step synchronisation)
-    and checked once: a non-finite loss stops the run with last.pt still at the previous epoch."""
+    """At most steps_per_epoch steps. The losses are summed on the device (no synchronisation per
+    step) and checked once: a non-finite loss stops the run, last.pt still at the previous epoch."""
     run.model.train()
     loader.sampler.set_epoch(epoch)
-    tasks = list(run.cfg["tasks"])
-    sums, steps, t0, last_log = torch.zeros(len(tasks) + 1, device=run.device), 0, time.time(), time.time()
+    tasks, steps, t0, last_log = list(run.cfg["tasks"]), 0, time.time(), time.time()
+    sums = torch.zeros(len(tasks) + 1, device=run.device)
     for batch in loader:
         if steps == run.steps_per_epoch:
             break
@@ -468,24 +454,23 @@ def train_one_epoch(run, loader, epoch, log):
         steps += 1
         if time.time() - last_log > run.cfg["log_every"] and steps < run.steps_per_epoch:
             last_log, elapsed = time.time(), time.time() - t0
+            eta = datetime.timedelta(seconds=round(elapsed / steps * (run.steps_per_epoch - steps)))
             log(f"  epoch {epoch} step {steps}/{run.steps_per_epoch} loss {sums[-1].item() / steps:.4f} "
-                f"{steps * run.cfg['batch_size'] / elapsed:.1f} samples/s epoch ETA "
-                f"{datetime.timedelta(seconds=round(elapsed / steps * (run.steps_per_epoch - steps)))}")
-    means = (all_reduce_mean(sums, run) if run.world > 1 else sums) / max(steps, 1)
-    means = means.tolist()
+                f"{steps * run.cfg['batch_size'] / elapsed:.1f} samples/s epoch ETA {eta}")
+    means = ((all_reduce_mean(sums, run) if run.world > 1 else sums) / max(steps, 1)).tolist()
     if not np.isfinite(means).all():
         raise UserError(f"non-finite loss at epoch {epoch} ({', '.join(f'{t} {v:.4g}' for t, v in zip(tasks, means))});"
-                        f" stopped, {Path(run.cfg['out']) / 'last.pt'} holds epoch {epoch - 1} if any (try a lower --lr)")
+                        f" stopped; {Path(run.cfg['out']) / 'last.pt'} holds epoch {epoch - 1} if any (try a lower --lr)")
     elapsed = time.time() - t0
-    return {"losses": dict(zip(tasks, means[:-1])), "loss": means[-1], "time_s": elapsed,
+    return {"losses": dict(zip(tasks, means)), "loss": means[-1], "time_s": elapsed,
             "samples_per_s": steps * run.cfg["batch_size"] * run.world / max(elapsed, 1e-9)}
 
 
 def fit(run, log=print):
     """Train for cfg['epochs'] epochs (from last.pt with --resume), validating after each: writes
-    metrics.jsonl, last.pt (everything to resume), best.pt (the best validation epoch) and
-    predictions/ (first and last epoch). Returns the best validation record. Under torchrun every
-    process trains; process 0 alone validates and writes."""
+    metrics.jsonl, last.pt (all it takes to resume), best.pt (best validation epoch) and predictions/
+    (first and last epoch). Returns the best validation record. Under torchrun every process
+    trains; process 0 alone validates and writes."""
     cfg, out = run.cfg, Path(run.cfg["out"])
     select, start, best = cfg["select"], 0, {"epoch": None, "value": None, "metrics": None}
     jsonl = out / "metrics.jsonl"
@@ -495,12 +480,11 @@ def fit(run, log=print):
             getattr(run, part).load_state_dict(ck[part])
         torch.set_rng_state(ck["rng"])
         start, best = ck["epoch"], ck["best"]
-        if run.rank == 0 and jsonl.exists():
+        if run.rank == 0 and jsonl.exists():  # the epochs after last.pt's are done again
             kept = [line for line in jsonl.read_text().splitlines() if json.loads(line)["epoch"] <= start]
             atomic_write("".join(line + "\n" for line in kept), jsonl)
         log(f"resumed from {out / 'last.pt'} after epoch {start}")
-    loader = train_loader(run)
-    t_run = time.time()
+    loader, t_run, keys = train_loader(run), time.time(), [k for t in cfg["tasks"] for k in TASKS[t][1]]
     for epoch in range(start + 1, cfg["epochs"] + 1):
         stats = train_one_epoch(run, loader, epoch, log)
         run.weighting.end_epoch(stats["losses"])
@@ -511,8 +495,7 @@ def fit(run, log=print):
                 log(f"WARNING: validation {note}")
             if better(val[select], best["value"], select):
                 best = {"epoch": epoch, "value": val[select], "metrics": val}
-                atomic_write({"model": run.model.state_dict(), "epoch": epoch, "config": cfg, "val": val},
-                             out / "best.pt")
+                atomic_write({"model": run.model.state_dict(), "epoch": epoch, "config": cfg}, out / "best.pt")
             atomic_write({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                           "scheduler": run.scheduler.state_dict(), "weighting": run.weighting.state_dict(),
                           "epoch": epoch, "best": best, "rng": torch.get_rng_state(), "config": cfg}, out / "last.pt")
@@ -520,16 +503,14 @@ def fit(run, log=print):
                       "lr": run.optimizer.param_groups[0]["lr"], "val": val}
             with jsonl.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            eta = (time.time() - t_run) / (epoch - start) * (cfg["epochs"] - epoch)
-            keys = [k for t in cfg["tasks"] for k in TASKS[t][1]]
+            eta = datetime.timedelta(seconds=round((time.time() - t_run) / (epoch - start) * (cfg["epochs"] - epoch)))
             log(f"epoch {epoch}/{cfg['epochs']} loss {stats['loss']:.4f} "
-                + " ".join(f"{t} {v:.4f}" for t, v in stats["losses"].items())
-                + " | val " + " ".join(f"{k} {val[k]:.4f}" for k in keys if k in val)
-                + f" | {stats['samples_per_s']:.1f} samples/s {stats['time_s']:.1f}s "
-                f"ETA {datetime.timedelta(seconds=round(eta))}")
+                + " ".join(f"{t} {v:.4f}" for t, v in stats["losses"].items()) + " | val "
+                + " ".join(f"{k} {val[k]:.4f}" for k in keys) + f" | {stats['samples_per_s']:.1f} samples/s "
+                f"{stats['time_s']:.1f}s ETA {eta}")
         if run.world > 1:
             torch.distributed.barrier()  # the others wait while process 0 validates and writes
-        if cfg.get("stop_after") and epoch >= cfg["stop_after"] and epoch < cfg["epochs"]:
+        if cfg.get("stop_after") and cfg["stop_after"] <= epoch < cfg["epochs"]:
             log(f"stopping after epoch {epoch} (--stop-after); continue with --resume")
             break
     return best
@@ -642,17 +623,15 @@ _ROI_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 
 
 def colour_map(x):
     """Values in [0, 1] -> RGB uint8, interpolated between the _CMAP anchors."""
-    x = np.clip(np.nan_to_num(x), 0, 1) * (len(_CMAP) - 1)
-    lo = np.floor(x).astype(int).clip(0, len(_CMAP) - 2)
-    f = (x - lo)[..., None]
-    return ((1 - f) * _CMAP[lo] + f * _CMAP[lo + 1]).astype(np.uint8)
+    anchors = np.linspace(0, 1, len(_CMAP))
+    return np.stack([np.interp(np.nan_to_num(x), anchors, _CMAP[:, c]) for c in range(3)], -1).astype(np.uint8)
 
 
 def grey(image):
     """A 2D image in any units to grey RGB uint8, scaled between its 0.5 and 99.5 percentiles."""
-    lo, hi = np.percentile(np.asarray(image, np.float64), [0.5, 99.5])
-    g = ((np.asarray(image, np.float64) - lo) / max(hi - lo, 1e-6)).clip(0, 1)
-    return (np.repeat(g[..., None], 3, -1) * 255).astype(np.uint8)
+    image = np.asarray(image, np.float64)
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    return (np.repeat(((image - lo) / max(hi - lo, 1e-6)).clip(0, 1)[..., None], 3, -1) * 255).astype(np.uint8)
 
 
 def overlay(rgb, masks, alpha=0.45):
@@ -671,10 +650,9 @@ def save_panels(path, panels, labels):
     img = Image.fromarray(strip).resize((strip.shape[1] * scale, h * scale), Image.NEAREST)
     canvas = Image.new("RGB", (max(img.width, 7 * len(labels[-1]) + 8), img.height + 14), "black")
     canvas.paste(img, (0, 14))
-    draw = ImageDraw.Draw(canvas)
     x = 0
     for p, label in zip(panels, labels):
-        draw.text((x + 2, 1), label, fill="white")
+        ImageDraw.Draw(canvas).text((x + 2, 1), label, fill="white")
         x += (p.shape[1] + 2) * scale
     atomic_write(canvas, path)
 
@@ -682,11 +660,10 @@ def save_panels(path, panels, labels):
 def save_rt_preview(path, raw, pred_dose, pred_structures):
     """The axial slice with the most reference dose: CT | dose | predicted dose | Gy scale | ROIs | predicted ROIs."""
     z = data.axial_slice(int(np.argmax(raw["dose"].sum((-2, -1)))))
-    ct = grey(raw["image"][z])
-    vmax = max(float(raw["dose"].max()), 1e-6)
+    ct, vmax = grey(raw["image"][z]), max(float(raw["dose"].max()), 1e-6)
     bar = np.repeat(colour_map(np.linspace(1, 0, ct.shape[0]))[:, None], max(4, ct.shape[1] // 16), 1)
     panels = [ct, colour_map(raw["dose"][z] / vmax), colour_map(pred_dose[z] / vmax), bar,
-              overlay(ct, np.asarray(raw["structures"])[z]), overlay(ct, pred_structures[z])]
+              overlay(ct, raw["structures"][z]), overlay(ct, pred_structures[z])]
     save_panels(path, panels, ["CT", "dose", "pred", f"0-{vmax:.0f} Gy", "ROIs", "pred"])
 
 
@@ -735,35 +712,39 @@ def test(run, ckpt_path, log=print):
     return metrics, ck["epoch"], notes
 
 
+def matching_stl(cfg, results):
+    """(the STL run's results, None) if it was made on the same data content, dims and split as this
+    run, else (None, why). The STL run is --stl, or the run folder of this data with arch stl."""
+    path = Path(cfg.get("stl") or Path(cfg["out"]).parent / run_name(cfg, "stl"))
+    path = path / "results.json" if path.is_dir() else path
+    if cfg["arch"] == "stl" or cfg["arch"].startswith("guidance "):
+        return None, "an STL run or a guidance stage is not compared with STL"
+    try:
+        stl = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"no STL results at {path} ({type(e).__name__}): train --arch stl on this --data, or name one with --stl"
+    for key in ("dataset", "synthetic", "data_digest", "dims", "split"):
+        if stl.get(key) != results[key]:
+            return None, f"{path} has {key}={stl.get(key)!r}, this run {results[key]!r}: not comparable"
+    return stl, None
+
+
 def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
     """results.json: test metrics, where they come from (data digest, dims, split), the config,
-    the best validation epoch, and Delta_MTL against the STL run when it matches this one."""
+    the best validation epoch, and Delta_MTL against the matching STL run."""
     cfg, ds = run.cfg, run.test_ds
-    results = {"dataset": cfg["dataset"], "arch": cfg["arch"], "data": cfg["data"], "data_digest": getattr(ds, "digest", None),
+    results = {"dataset": cfg["dataset"], "arch": cfg["arch"], "data": cfg["data"], "data_digest": ds.digest,
                "synthetic": ds.synthetic, "dims": cfg["dims"], "split": "test", "test": metrics, "test_epoch": epoch,
-               "best_val": best, "warnings": notes, "config": cfg}
-    stl_path, stl, why = Path(cfg.get("stl") or Path(cfg["out"]).parent / run_name(cfg, "stl")), None, None
-    stl_path = stl_path / "results.json" if stl_path.is_dir() else stl_path
-    if cfg["arch"] == "stl" or cfg["arch"].startswith("guidance "):
-        why = "this is the STL run" if cfg["arch"] == "stl" else "a guidance stage has no STL run"
-    elif not stl_path.exists():
-        why = f"no STL run at {stl_path} (train one with --arch stl and this --data, or name one with --stl)"
-    else:
-        stl = json.loads(stl_path.read_text())
-        for key in ("dataset", "synthetic", "data_digest", "dims", "split"):
-            if stl.get(key) != results[key]:
-                why = f"{stl_path} has {key}={stl.get(key)!r}, this run {results[key]!r}: not comparable"
-                break
-    if why is None:
+               "best_val": best, "warnings": notes, "config": cfg, "delta_mtl": None}
+    stl, why = matching_stl(cfg, results)
+    if stl:
         results["delta_mtl"], results["delta_mtl_per_task"] = delta_mtl(metrics, stl["test"], cfg["tasks"])
-        results["stl_results"] = str(stl_path)
-        if len(results["delta_mtl_per_task"]) < len(cfg["tasks"]):
-            results["delta_mtl_note"] = "tasks left out: a metric is NaN, or 0 in STL"
-        log(f"Delta_MTL vs {stl_path}: {results['delta_mtl']:+.2f}% ("
+        why = None if len(results["delta_mtl_per_task"]) == len(cfg["tasks"]) else "tasks left out: NaN, or 0 in STL"
+        log(f"Delta_MTL vs {stl['config']['out']}: {results['delta_mtl']:+.2f}% ("
             + ", ".join(f"{t} {v:+.2f}%" for t, v in results["delta_mtl_per_task"].items()) + ")")
-    else:
-        results.update(delta_mtl=None, delta_mtl_note=why)
-        log(f"no Delta_MTL: {why}") if "guidance" not in why else None
+    elif "guidance" not in why:
+        log(f"no Delta_MTL: {why}")
+    results["delta_mtl_note"] = why
     atomic_write(results, Path(cfg["out"]) / name)
     log(f"results: {Path(cfg['out']) / name}")
     return results
@@ -847,43 +828,38 @@ def load_stage(cfg, entry, n_rois):
 
 
 def run_guidance(cfg, log=print):
-    """The stages of --arch guidance in order (or --stage X alone), then OUT/results.json
-    {"guidance": {stage: test metrics}} and a side-by-side table in the log."""
+    """The stages of --arch guidance in order (or --stage X alone; with --resume the unfinished ones),
+    then OUT/results.json {"guidance": {stage: test metrics}} and a side-by-side table in the log."""
     splits = open_splits(cfg, log)
-    n_rois = splits["train"].tasks["structures"][1]
     results = {}
     for entry, reads in GUIDANCE.items():
-        sub = dict(cfg, out=str(Path(cfg["out"]) / entry), arch=f"guidance {entry}", tasks=DOSE_TASK,
-                   select="dose_score", guidance_out=cfg["out"])
+        sub = dict(cfg, out=str(Path(cfg["out"]) / entry), arch=f"guidance {entry}", tasks=DOSE_TASK, select="dose_score",
+                   guidance_out=cfg["out"], superior_input=entry in ("a_superior", "b_guidance"))
         done = Path(sub["out"]) / "results.json"
         if cfg["stage"] not in ("all", entry[0]) or (cfg["resume"] and done.exists()):
-            if done.exists() and entry != "b_guidance":
-                results[entry] = json.loads(done.read_text())["test"]
+            results.update({entry: json.loads(done.read_text())["test"]} if done.exists() else {})
             continue
         sub["resume"] = cfg["resume"] and (Path(sub["out"]) / "last.pt").exists()
         if entry == "b_guidance":
             sub.update(tasks={"guidance": ("value", 1)}, select="guidance_mse")
-        sub["superior_input"] = entry in ("a_superior", "b_guidance")
-        model = stage_model(sub, entry, n_rois)
+        model = stage_model(sub, entry, len(cfg["roi_names"]))
         log(f"stage {entry} ({reads}): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
             "trained parameters")
-        if entry == "c_guided":
+        if entry == "c_guided":  # nothing to train: scored as built
             run = SimpleNamespace(cfg=sub, device=torch.device(cfg["device"]), model=model.to(cfg["device"]),
                                   test_ds=splits["test"])
             metrics, notes = evaluate(run, splits["test"])
-            log("test (c_guided): " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             results[entry] = report(run, metrics, None, None, notes, log)["test"]
-        else:
-            out = experiment(sub, model, splits, log)
-            if "stopped_after" in out:
-                return out
-            if entry != "b_guidance":
-                results[entry] = out["test"]
-    table = [f"{'stage':12s} {'input at inference':30s} {'dose score':>10s} {'DVH score':>10s}"]
-    table += [f"{e:12s} {GUIDANCE[e]:30s} {m['dose_score']:10.3f} {m['dvh_score']:10.3f}" for e, m in results.items()]
+            continue
+        out = experiment(sub, model, splits, log)
+        if "stopped_after" in out:
+            return out
+        results[entry] = out["test"]
+    results.pop("b_guidance", None)
+    table = [f"{e:12s} {GUIDANCE[e]:30s} {m['dose_score']:10.3f} {m['dvh_score']:10.3f}" for e, m in results.items()]
     log(f"test split, {splits['test'].num_cases} patients: OpenKBP dose and DVH scores (Gy, lower is better)\n"
-        + "\n".join(table))
-    summary = {"dataset": cfg["dataset"], "arch": "guidance", "data_digest": getattr(splits["test"], "digest", None),
+        f"{'stage':12s} {'input at inference':30s} {'dose score':>10s} {'DVH score':>10s}\n" + "\n".join(table))
+    summary = {"dataset": cfg["dataset"], "arch": "guidance", "data_digest": splits["test"].digest,
                "guidance": results, "config": cfg}
     atomic_write(summary, Path(cfg["out"]) / "results.json")
     log(f"results: {Path(cfg['out']) / 'results.json'}")
