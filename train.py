@@ -29,7 +29,8 @@ import ctan
 import data
 
 # === Config ===
-# ONE defaults table. A run's config is "all", then its dataset's entry, then the entry of its device ("cuda" or "cpu": the GPU path's choices are keys, so a CPU can run that path too),
+# ONE defaults table. A run's config is "all", then its dataset's entry, then the entry of its device
+# ("cuda" or "cpu": the GPU path's choices are keys, so a CPU can run that path too),
 # then the dataset's "small" entry on a CPU (the quick start finishes in minutes on 2 cores) and
 # "dims3" for --dims 3, then the arch's entry, then what the command line gives.
 # Dose is predicted in units of DOSE_SCALE_GY (output 1.0 = 80 Gy), so it is O(1) like the other targets.
@@ -132,7 +133,8 @@ def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimens
     pred, ref = np.asarray(pred, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     ref_dvh = openkbp_dvh(ref, structure_masks, voxel_dimensions, roi_names)
     pred_dvh = openkbp_dvh(pred, structure_masks, voxel_dimensions, roi_names)
-    return float(np.abs(ref - pred).sum() / np.sum(possible_dose_mask)), [abs(ref_dvh[k] - pred_dvh[k]) for k in ref_dvh]
+    dose_error = float(np.abs(ref - pred).sum() / np.sum(possible_dose_mask))
+    return dose_error, [abs(ref_dvh[k] - pred_dvh[k]) for k in ref_dvh]
 
 
 def openkbp_aggregate(patients):
@@ -396,7 +398,7 @@ def init_output_bias(model, ds, tasks, n_items=64):
 def to_device(batch, run, keys=None):
     """The tensors of a batch (or those of `keys`) on the device, non-blocking from pinned memory;
     bool masks become 0/1 floats there (they travel 4x smaller); the model's input in its memory format."""
-    out = {k: v.to(run.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v) and k in (keys or batch)}
+    out = {k: batch[k].to(run.device, non_blocking=True) for k in keys or batch if torch.is_tensor(batch[k])}
     out = {k: v.float() if v.dtype == torch.bool else v for k, v in out.items()}
     if run.cfg.get("superior_input"):  # guidance: CT + the R structure masks
         out["image"] = torch.cat([out["image"], out["structures"]], 1)
@@ -460,7 +462,7 @@ def train_one_epoch(run, loader, epoch, log):
     means = ((all_reduce_mean(sums, run) if run.world > 1 else sums) / max(steps, 1)).tolist()
     if not np.isfinite(means).all():
         raise UserError(f"non-finite loss at epoch {epoch} ({', '.join(f'{t} {v:.4g}' for t, v in zip(tasks, means))});"
-                        f" stopped; {Path(run.cfg['out']) / 'last.pt'} holds epoch {epoch - 1} if any (try a lower --lr)")
+                        f" stopped; {Path(run.cfg['out']) / 'last.pt'} holds epoch {epoch - 1} if any (try lower --lr)")
     elapsed = time.time() - t0
     return {"losses": dict(zip(tasks, means)), "loss": means[-1], "time_s": elapsed,
             "samples_per_s": steps * run.cfg["batch_size"] * run.world / max(elapsed, 1e-9)}
@@ -587,12 +589,12 @@ def _evaluate_ham(cfg, cases, previews):
         y.append(raw["diagnosis"])
         prob.append(torch.softmax(torch.from_numpy(pred["diagnosis"]), 0).numpy())
         if i < len(previews):
-            k = int(np.argmax(prob[-1]))
-            save_panels(previews[i].with_stem(raw["id"]), [raw["image"], overlay(raw["image"], refs[-1][None]),
-                                                           overlay(raw["image"], masks[-1][None])],
-                        ["image", f"truth {data.HAM_CLASSES[y[-1]]}", f"pred {data.HAM_CLASSES[k]} {prob[-1][k]:.2f}"])
+            rgb, k = raw["image"], int(np.argmax(prob[-1]))
+            labels = ["image", f"truth {data.HAM_CLASSES[y[-1]]}", f"pred {data.HAM_CLASSES[k]} {prob[-1][k]:.2f}"]
+            save_panels(previews[i].with_stem(raw["id"]), [rgb, overlay(rgb, refs[-1][None]),
+                                                           overlay(rgb, masks[-1][None])], labels)
     return {"dice": float(np.mean([dice(p, r) for p, r in zip(masks, refs)])), "isic_jaccard": isic_jaccard(masks, refs),
-            "balanced_accuracy": balanced_accuracy(y, np.argmax(prob, 1)), "auc": roc_auc_macro(y, np.array(prob), "auc")}
+            "balanced_accuracy": balanced_accuracy(y, np.argmax(prob, 1)), "auc": roc_auc_macro(y, prob, "auc")}
 
 
 def _evaluate_stoic(cfg, cases, previews):
@@ -604,7 +606,7 @@ def _evaluate_stoic(cfg, cases, previews):
             p[t].append(float(torch.softmax(torch.from_numpy(pred[t]), 0)[1]))
         if i < len(previews):  # the middle axial slice (axis 0 = z)
             save_panels(previews[i].with_stem(raw["id"]), [grey(raw["image"][len(raw["image"]) // 2])],
-                        [f"covid {y['covid'][-1]} ({p['covid'][-1]:.2f}) severe {y['severe'][-1]} ({p['severe'][-1]:.2f})"])
+                        [" ".join(f"{t} {y[t][-1]} ({p[t][-1]:.2f})" for t in y)])
     covid, severe = np.array(y["covid"]) == 1, np.array(y["severe"])
     return {"auc_severe": roc_auc(severe[covid], np.array(p["severe"])[covid], "auc_severe (among COVID-positive)"),
             "auc_covid": roc_auc(covid, p["covid"], "auc_covid")}
@@ -722,7 +724,7 @@ def matching_stl(cfg, results):
     try:
         stl = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        return None, f"no STL results at {path} ({type(e).__name__}): train --arch stl on this --data, or name one with --stl"
+        return None, f"no STL results at {path} ({type(e).__name__}): train --arch stl on this --data, or give --stl"
     for key in ("dataset", "synthetic", "data_digest", "dims", "split"):
         if stl.get(key) != results[key]:
             return None, f"{path} has {key}={stl.get(key)!r}, this run {results[key]!r}: not comparable"
@@ -833,8 +835,8 @@ def run_guidance(cfg, log=print):
     splits = open_splits(cfg, log)
     results = {}
     for entry, reads in GUIDANCE.items():
-        sub = dict(cfg, out=str(Path(cfg["out"]) / entry), arch=f"guidance {entry}", tasks=DOSE_TASK, select="dose_score",
-                   guidance_out=cfg["out"], superior_input=entry in ("a_superior", "b_guidance"))
+        sub = dict(cfg, out=str(Path(cfg["out"]) / entry), arch=f"guidance {entry}", tasks=DOSE_TASK,
+                   select="dose_score", guidance_out=cfg["out"], superior_input=entry in ("a_superior", "b_guidance"))
         done = Path(sub["out"]) / "results.json"
         if cfg["stage"] not in ("all", entry[0]) or (cfg["resume"] and done.exists()):
             results.update({entry: json.loads(done.read_text())["test"]} if done.exists() else {})
@@ -870,11 +872,11 @@ def run_guidance(cfg, log=print):
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense bf16, datasheets
 
 
-def memory_estimate_gib(cfg, tasks, shape):
+def memory_estimate_gib(cfg, shape):
     """fp32 GiB of what autograd saves for the backward pass, plus weights, gradients and AdamW
     states, from one forward on the meta device (no memory used; before cuDNN workspaces)."""
     with torch.device("meta"):
-        model, x = build_model(cfg, tasks, shape[1]), torch.empty(shape)
+        model, x = build_model(cfg, cfg["tasks"], shape[1]), torch.empty(shape)
     saved = [16 * ctan.count_parameters(model)]
 
     def pack(t):
@@ -897,12 +899,12 @@ def timed_step(run, next_batch):
 
 
 def bench(cfg, log=print):
-    """Times --steps training steps (after a warm-up) of every arch of --arch a,b,... interleaved in
-    one process, on random tensors of the real input size already on the device; then, with a --data
-    file, the first arch through the DataLoader (data-wait fraction) and the loader alone (the rate it
-    can feed). One JSON line per arch (FLOPs from torch.utils.flop_counter, TFLOP/s, MFU where the
-    peak is known), then a line of time and FLOP ratios against the first arch. Asserts no time."""
-    name, archs = cfg["dataset"], cfg["arch"].split(",")
+    """Times --steps training steps (after a warm-up) of every arch of --arch a,b,... interleaved in one
+    process, on random tensors of the real input size already on the device; with a --data file, the
+    first arch through the DataLoader too (data-wait fraction) and the loader alone (the rate it can
+    feed). One JSON line per arch (FLOPs from torch.utils.flop_counter, TFLOP/s, MFU where the peak
+    is known), then one of time and FLOP ratios to the first arch. Asserts no time."""
+    name, archs, cuda = cfg["dataset"], cfg["arch"].split(","), cfg["device"] == "cuda"
     cfg = dict(cfg, tasks=data.task_spec(name, len(data.SPECS[name].rois)))
     shape = (cfg["batch_size"], data.in_channels(name), *DEFAULTS[name]["size"][-cfg["dims"]:])
     runs = [make_run(dict(cfg, arch=a), build_model(dict(cfg, arch=a), cfg["tasks"], shape[1]), None, 10**6)
@@ -910,35 +912,31 @@ def bench(cfg, log=print):
     batch = {"image": torch.randn(shape), "possible_dose_mask": torch.ones(shape[0], 1, *shape[2:])}
     for t, (kind, n) in cfg["tasks"].items():
         batch[t] = torch.randint(0, n, shape[:1]) if kind == "image" else (torch.rand(shape[0], n, *shape[2:]) < 0.1)
-    batch = to_device(dict(batch, **({"dose": 70.0 * batch["dose"]} if "dose" in batch else {})), runs[0])
-    warmup, steps, cuda = max(3, cfg["steps"] // 4), cfg["steps"], runs[0].device.type == "cuda"
+    batch = to_device(batch | ({"dose": 70.0 * batch["dose"]} if "dose" in batch else {}), runs[0])
+    warmup, steps = max(3, cfg["steps"] // 4), cfg["steps"]
     for run in runs:
         torch.cuda.reset_peak_memory_stats() if cuda else None
         with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
             timed_step(run, lambda: batch)  # forward, backward (counted) and AdamW
-        run.flops, run.times = counter.get_total_flops(), []
-        run.peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
-    log(f"bench: {', '.join(archs)} on random {shape} ({cfg['device']}, {cfg['precision']}), {warmup} + {steps} "
-        "steps each, interleaved")
-    for i in range(warmup + steps):
-        for run in runs:
-            run.times.append(timed_step(run, lambda: batch)[1])
+        run.flops, run.peak = counter.get_total_flops(), torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    log(f"bench: {', '.join(archs)} on random {shape} ({cfg['device']}, {cfg['precision']}), {warmup} + {steps} steps "
+        "each, interleaved")
+    times = np.array([[timed_step(run, lambda: batch)[1] for run in runs] for _ in range(warmup + steps)])[warmup:]
     device = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     peak = cfg["peak_tflops"] or next((v for k, v in PEAK_TFLOPS.items() if k in device and cuda), None)
     results = []
-    for arch, run in zip(archs, runs):
-        sec = float(np.median(run.times[warmup:]))
+    for arch, run, sec in zip(archs, runs, np.median(times, 0)):
         results.append({"bench": name, "arch": arch, "dims": cfg["dims"], "device": device, "input": list(shape),
-                        **{k: cfg[k] for k in ("precision", "channels_last", "compile", "width", "depth", "steps")},
+                        **{k: cfg[k] for k in ("precision", "channels_last", "compile", "width", "steps")},
                         "depth": list(cfg["depth"]), "params": ctan.count_parameters(run.model),
-                        "ms_per_step": round(1000 * sec, 2),
-                        "samples_per_s": round(shape[0] / sec, 2), "gflop_per_step": round(run.flops / 1e9, 2),
-                        "tflops": round(run.flops / sec / 1e12, 4), "mfu": peak and round(run.flops / sec / 1e12 / peak, 4),
-                        "peak_memory_gib": run.peak,
-                        "estimated_memory_gib": memory_estimate_gib(dict(cfg, arch=arch), cfg["tasks"], shape)})
+                        "ms_per_step": round(1000 * sec, 2), "samples_per_s": round(shape[0] / sec, 2),
+                        "gflop_per_step": round(run.flops / 1e9, 2), "tflops": round(run.flops / sec / 1e12, 4),
+                        "mfu": peak and round(run.flops / sec / 1e12 / peak, 4),
+                        "peak_memory_gib": run.peak and round(run.peak, 2),
+                        "estimated_memory_gib": memory_estimate_gib(dict(cfg, arch=arch), shape)})
     if Path(cfg["data"]).exists():
         ds = data.open_dataset(cfg["data"], "train", dims=cfg["dims"])
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
+        loader = torch.utils.data.DataLoader(ds, batch_size=shape[0], shuffle=True, drop_last=True,
                                              num_workers=cfg["workers"], pin_memory=cuda)
         batches = (b for _ in iter(int, 1) for b in loader)  # endless
         wait, total = np.sum([timed_step(runs[0], lambda: to_device(next(batches), runs[0]))
@@ -948,7 +946,7 @@ def bench(cfg, log=print):
         t = time.perf_counter()
         for _ in range(steps):
             next(batches)
-        results[0]["hdf5"] = {"file": cfg["data"], "input": [cfg["batch_size"], ds.in_channels, *ds.spatial],
+        results[0]["hdf5"] = {"file": cfg["data"], "input": [shape[0], ds.in_channels, *ds.spatial],
                               "workers": cfg["workers"], "samples_per_s": round(steps * shape[0] / total, 2),
                               "data_wait_fraction": round(wait / total, 4),
                               "loader_samples_per_s": round(steps * shape[0] / (time.perf_counter() - t), 2)}
@@ -1099,8 +1097,8 @@ def parse_args(argv=None):
     p.add_argument("--weighting", choices=("equal", "dwa", "uncertainty", "mfe"),
                    help="task loss weighting (default equal; mfe, L_pixel + 0.25 L_image, is --arch mfe's default)")
     p.add_argument("--width", type=POSITIVE, help="base channels of the network")
-    p.add_argument("--depth", type=checked(lambda s: tuple(int(x) for x in s.split(",")),
-                                           lambda v: len(v) == 4 and min(v) > 0, "four positive integers, e.g. 3,4,6,3"),
+    p.add_argument("--depth", type=checked(lambda s: tuple(int(x) for x in s.split(",")), lambda v: len(v) == 4
+                                           and min(v) > 0, "four positive integers, e.g. 3,4,6,3"),
                    help="blocks per encoder stage (default 3,4,6,3: ResNet-50)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
