@@ -593,7 +593,7 @@ def _evaluate_ham(cfg, cases, previews):
             labels = ["image", f"truth {data.HAM_CLASSES[y[-1]]}", f"pred {data.HAM_CLASSES[k]} {prob[-1][k]:.2f}"]
             save_panels(previews[i].with_stem(raw["id"]), [rgb, overlay(rgb, refs[-1][None]),
                                                            overlay(rgb, masks[-1][None])], labels)
-    return {"dice": float(np.mean([dice(p, r) for p, r in zip(masks, refs)])), "isic_jaccard": isic_jaccard(masks, refs),
+    return {"dice": np.mean([dice(p, r) for p, r in zip(masks, refs)]), "isic_jaccard": isic_jaccard(masks, refs),
             "balanced_accuracy": balanced_accuracy(y, np.argmax(prob, 1)), "auc": roc_auc_macro(y, prob, "auc")}
 
 
