@@ -1383,11 +1383,15 @@ def test_ham10000_learns_beyond_chance(synthetic, tmp_path):
 
 
 def test_every_arch_trains_under_bf16_autocast_and_channels_last(synthetic, tmp_path):
-    """The GPU path's choices, run on a CPU: bf16 autocast and channels-last memory, every arch, 2D and 3D."""
-    for arch, dims in (("stl", 2), ("hps", 3), ("mtan", 2), ("ctan", 3), ("ctan", 2), ("mfe", 2)):
-        res = train.main(_argv(synthetic, tmp_path / f"{arch}{dims}", "openkbp", arch, "--dims", str(dims),
-                               "--precision", "bf16", "--channels-last", "--max-steps-per-epoch", "1"))
+    """The GPU path's choices, run on a CPU: bf16 autocast and channels-last memory, every arch end to end
+    (2D: a CPU has no fast bf16 conv3d; the networks' 3D bf16 and channels_last_3d are checked above)."""
+    for arch in ctan.ARCHS:
+        res = train.main(_argv(synthetic, tmp_path / arch, "openkbp", arch, "--precision", "bf16", "--channels-last",
+                               "--max-steps-per-epoch", "1"))
         assert res["config"]["precision"] == "bf16" and np.isfinite(res["test"]["dose_score"])
+    res = train.main(_guidance_argv(synthetic["openkbp"], tmp_path / "g", "--precision", "bf16", "--channels-last",
+                                    "--epochs", "1"))
+    assert np.isfinite(res["guidance"]["d_combined"]["dose_score"])
 
 
 def test_transition_option_reaches_the_model(synthetic, tmp_path):
@@ -1441,13 +1445,12 @@ def test_torchrun_two_processes_gloo(synthetic, tmp_path):
     collective runs on the model's device; the learnable loss weights stay equal across ranks."""
     out, spy = tmp_path / "ddp", tmp_path / "spy.py"
     spy.write_text(DDP_SPY)
-    argv = _argv(synthetic, out, "ham10000", "ctan", "--epochs", "2", "--weighting", "uncertainty")
+    argv = _argv(synthetic, out, "ham10000", "ctan", "--weighting", "uncertainty", "--max-eval-cases", "8")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(spy), str(HERE),
            str(tmp_path), *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("epoch 1/2 loss") == 1 and proc.stdout.count("epoch 2/2 loss") == 1
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert proc.stdout.count("epoch 1/1 loss") == 1 and len((out / "metrics.jsonl").read_text().splitlines()) == 1
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["seen"] and set(r["seen"]) == {r["device"]} for r in ranks)
     assert ranks[0]["log_vars"] == ranks[1]["log_vars"] and ranks[0]["log_vars"] != [0.0, 0.0]
