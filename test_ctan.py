@@ -1296,6 +1296,17 @@ def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_training_on_a_damaged_file_names_file_and_dataset(synthetic, tmp_path, capsys):
+    path = _copy(synthetic["openkbp"], tmp_path / "damaged.h5")
+    with h5py.File(path) as f:
+        chunk = f["train/image"].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(chunk.byte_offset + chunk.size // 2)
+        fh.write(bytes(8))
+    _fails(_argv(synthetic, tmp_path / "r", "openkbp", "hps", "--data", str(path)), capsys, str(path), "train/image",
+           "damaged")
+
+
 def test_damaged_or_foreign_checkpoints_get_one_line(synthetic, tmp_path, capsys):
     out = tmp_path / "r"
     train.main(_argv(synthetic, out, "openkbp", "hps", "--epochs", "2", "--stop-after", "1"))
