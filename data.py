@@ -89,8 +89,7 @@ def schema(name: str, spatial: tuple, n_rois: int = 0) -> dict:
 
 
 class _Digest:
-    """sha256 of a file's content: dataset, tasks, ROIs, then per split its size and every value as stored,
-    case by case in schema order. The writer and `describe` feed it in the same order."""
+    """sha256 of dataset, tasks, ROIs, then per split its size and every value as stored, in schema order."""
 
     def __init__(self, name, rois):
         self.h = hashlib.sha256(json.dumps([name, task_spec(name, len(rois)), list(rois)]).encode())
@@ -124,19 +123,19 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _check_out(out: Path, overwrite: bool):
-    """Refuse to replace an existing file unless asked to (checked before anything is read or made)."""
+def _output(name, out, overwrite: bool) -> Path:
+    """Where to write `name` (default data/NAME.h5), refused if it exists unless `overwrite`."""
+    out = Path(out or default_path(name))
     if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, "
-                        "or choose another --out")
+        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, or choose another --out")
+    return out
 
 
 # ----------------------------------------------------------------------------- the one writer
 def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=False, log=None) -> Path:
-    """Write case `make(x)` for every x of {split: [x]} to `out` (progress lines on `log` every 10 s) into a
-    temporary file next to it, renamed over it when complete, computing the digest on the way. An error or
-    Ctrl-C leaves nothing. Ctrl-C only sets a flag, checked between cases: KeyboardInterrupt is then raised
-    from ordinary code, never inside an h5py callback (where Python prints "Exception ignored" and goes on)."""
+    """Write case `make(x)` for every x of {split: [x]} into a temporary file renamed to `out` when complete,
+    with the digest and progress lines on `log`. An error or Ctrl-C leaves nothing. Ctrl-C only sets a flag,
+    checked between cases, so it is never raised inside an h5py callback (which would print and go on)."""
     out, keys, digest = Path(out), schema(name, spatial, len(rois)), _Digest(name, rois)
     new_dirs, tmp = [p for p in out.parents if not p.exists()], out.with_name(f".{out.name}.{os.getpid()}.tmp")
     total, done, start, shown = sum(map(len, items.values())), 0, time.monotonic(), time.monotonic()
@@ -147,12 +146,11 @@ def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=
         with h5py.File(tmp, "w") as f:
             for split in SPLITS:
                 g, n = f.create_group(split), len(items[split])
-                for key, (tail, dtype) in keys.items():  # arrays gzip-compressed in chunks of one axial slice
-                    dt = h5py.string_dtype() if dtype == "str" else np.dtype(dtype)  # (planning) or one case
-                    chunks = (1,) * (len(tail) - 1) + tail[-2:] if name in PLANNING else (1,) + tail
-                    big = dict(chunks=chunks, maxshape=(None,) + tail, compression="gzip", compression_opts=4,
-                               shuffle=dt.itemsize > 1)  # maxshape: n may be 0
-                    g.create_dataset(key, shape=(n,) + tail, dtype=dt, **(big if len(tail) > 1 else {}))
+                for key, (tail, dtype) in keys.items():  # arrays: gzip chunks of one axial slice (planning) or case
+                    dt = h5py.string_dtype() if dtype == "str" else np.dtype(dtype)
+                    chunks = ((1,) * (len(tail) - 1) + tail[-2:] if name in PLANNING else (1,) + tail) if tail[1:] else None
+                    g.create_dataset(key, (n,) + tail, dt, chunks=chunks, maxshape=chunks and (None,) + tail,  # n may be 0
+                                     compression=chunks and "gzip", shuffle=bool(chunks) and dt.itemsize > 1)
                 digest.add(split, n, "int64")
                 for i, x in enumerate(items[split]):
                     case = make(x)
@@ -185,20 +183,15 @@ def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
-def _split_counts(n, fractions=SPLIT_FRACTIONS):
-    """Sizes of train/val/test for n items: val and test get at least one each."""
-    if n < 3:
-        raise DataError(f"{n} cases cannot fill train, val and test: use at least 3")
-    val, test = max(1, round(n * fractions[1])), max(1, round(n * fractions[2]))
-    return n - val - test, val, test
-
-
 def _seeded_split(items, key, seed) -> dict:
-    """{split: [items, in order]} 70/10/20 by a seeded permutation of the sorted unique keys: one key, one split."""
+    """{split: [items, in order]}: a seeded permutation of the sorted unique keys cut 70/10/20 (val and test at least
+    one each), so that items sharing a key (a lesion) share a split."""
     keys = sorted({key(x) for x in items})
-    bounds = np.cumsum(_split_counts(len(keys)))
-    order = np.random.default_rng(seed).permutation(len(keys))
-    split_of = {keys[j]: SPLITS[int(np.searchsorted(bounds, rank, side="right"))] for rank, j in enumerate(order)}
+    if len(keys) < 3:
+        raise DataError(f"{len(keys)} cases cannot fill train, val and test: use at least 3")
+    val, test = (max(1, round(len(keys) * fraction)) for fraction in SPLIT_FRACTIONS[1:])
+    rank = np.random.default_rng(seed).permutation(len(keys)).argsort()  # of each key in the permutation
+    split_of = {k: SPLITS[(r >= len(keys) - val - test) + (r >= len(keys) - test)] for k, r in zip(keys, rank)}
     return {s: [x for x in items if split_of[key(x)] == s] for s in SPLITS}
 
 
@@ -209,8 +202,7 @@ _MET_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHOR
 
 
 def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
-    """A MetaImage (.mha, or .mhd + .raw/.zraw; zlib if CompressedData) as (array with axes reversed from
-    DimSize, i.e. z, y, x; spacing in mm in the same order). Orientation is ignored."""
+    """A MetaImage (.mha, or .mhd + .raw/.zraw) as (array z, y, x: DimSize reversed; spacing in mm, z, y, x)."""
     path, header = Path(path), {}
     if not path.is_file():
         raise DataError(f"{path} not found: expected a MetaImage .mha or .mhd file")
@@ -222,7 +214,7 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
             header.update({key.strip(): value.strip()} if sep else {})
         raw = fh.read()
 
-    def numbers(key, n=None, kind=int, default=None):
+    def numbers(key, n=None, kind=int, default=None):  # n numbers (any count if None) of a header key
         text = header.get(key, default)
         try:
             values = [kind(v) for v in text.split()]
@@ -263,15 +255,12 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_sparse_csv(path, shape, values=True) -> np.ndarray:
-    """An OpenKBP CSV (header `,data`; rows `flat_index,value`, or `flat_index,` for masks) as a dense
-    C-order array of `shape`: float64 values, or bool for masks. Unlisted voxels are 0."""
-    path = Path(path)
+    """An OpenKBP CSV (header `,data`; rows `flat_index,value`, `flat_index,` for masks) as a dense C-order array
+    of `shape`: float64 values, or bool for masks. Unlisted voxels are 0."""
     try:
-        with open(path) as fh:
-            header = fh.readline()
-        with warnings.catch_warnings():
+        with open(path) as fh, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # header-only files: "input contained no data"
-            rows = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(0, 1) if values else (0,), ndmin=2)
+            header, rows = fh.readline(), np.loadtxt(fh, delimiter=",", usecols=(0, 1) if values else (0,), ndmin=2)
     except ValueError as e:  # also UnicodeDecodeError
         raise DataError(f"{path}: cannot parse ({_first_line(e)}): expected rows 'flat_index,value'"
                         + ("" if values else " or 'flat_index,'")) from None
@@ -458,7 +447,7 @@ def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0
     """Convert the raw public release of dataset `name` in `raw_dir` to `out` (default data/NAME.h5).
     openkbp/prostate take `shape` (D,H,W of the flat indices) and `rois`; ham10000 (WIDTHxHEIGHT) and stoic
     (cube side) take `size` and `seed` (of their split). Everything is checked before anything is written."""
-    raw_dir, out, log = Path(raw_dir), Path(out or default_path(name)), log or sys.stderr
+    raw_dir, log = Path(raw_dir), log or sys.stderr
     if name in PLANNING and size is not None:
         raise DataError(f"--size does not apply to {name}: use --shape D,H,W (the raw volume shape)")
     if name not in PLANNING and (shape is not None or rois):
@@ -470,7 +459,7 @@ def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0
         spatial = shape[2:] + shape[:2]  # z first, as axial_first stores it
     else:
         spatial = _sizes(size or "256x192", 2, "256x192")[::-1] if name == "ham10000" else _sizes(size or 128, 3, "128")
-    _check_out(out, overwrite)
+    out = _output(name, out, overwrite)
     if not raw_dir.is_dir():
         raise DataError(f"raw folder {raw_dir} not found: pass the folder of the unpacked {name} release")
     if name in PLANNING:
@@ -566,14 +555,6 @@ def _synth_stoic_case(rng, size, covid, severe):
             "voxel_dimensions": np.full(3, 320.0 / size), "original_voxel_dimensions": np.full(3, 320.0 / size)}
 
 
-def _synth_photo(rng, lesion, size):
-    """One photo of a lesion (class, colour, radius, skin): a new position, shape and noise each time."""
-    k, colour, radius, skin = lesion
-    mask = _ellipsoid(_grid(size, 2), rng.normal(0, 0.1, 2), radius * rng.uniform(0.7, 1.0, 2))
-    rgb = np.where(mask[..., None], colour, skin) + rng.normal(0, 6, (size, size, 3))
-    return {"image": np.clip(np.rint(rgb), 0, 255), "segmentation": mask, "diagnosis": k, "original_size": (size,) * 2}
-
-
 def synth(name, out=None, n=None, size=None, seed=0, overwrite=False) -> Path:
     """A synthetic stand-in of `name` with the real layout (synthetic=True): n cases (default 30 / 300 / 80) of
     spatial size `size` (a multiple of 32), split 70/10/20 (ham10000: by lesion). Learnable, tasks related."""
@@ -581,25 +562,27 @@ def synth(name, out=None, n=None, size=None, seed=0, overwrite=False) -> Path:
     n, size = spec.synth_n if n is None else int(n), spec.synth_size if size is None else int(size)
     if size <= 0 or size % 32:
         raise DataError(f"--size {size} is not a positive multiple of 32: models downsample by 32, use e.g. 64")
-    out, rng = Path(out or default_path(name)), np.random.default_rng(seed)
-    _check_out(out, overwrite)
-    chosen = {s: range(count) for s, count in zip(SPLITS, _split_counts(n))}  # split -> per case: k
-    if name == "ham10000":  # k = lesion; several photos per lesion, no lesion in two splits
+    out, rng = _output(name, out, overwrite), np.random.default_rng(seed)
+    chosen = _seeded_split(range(n), int, seed)  # split -> per case k: its number, lesion or label pair
+    if name == "ham10000":  # several photos per lesion, no lesion in two splits
         freq, colours, radii = zip(*_LESIONS.values())
         lesions = [(k, np.multiply(colours[k], rng.normal(1, 0.07, 3)), rng.uniform(*radii[k]),
                     rng.normal((225, 185, 155), 12)) for k in rng.choice(len(freq), max(3, round(n / 1.25)), p=freq)]
         owner = list(range(len(lesions))) + list(rng.integers(0, len(lesions), n - len(lesions)))
         chosen = _seeded_split(owner, int, seed)
-    elif name == "stoic":  # k = label pair, dealt so that every split of >= 5 scans holds every class
+    elif name == "stoic":  # dealt so that every split of >= 5 scans holds every class
         chosen = {s: rng.permutation(len(ks)) % len(_STOIC_DEAL) for s, ks in chosen.items()}
 
     def make(item):
         split, i, k = item
-        if name == "ham10000":
-            return {"id": f"syn_{split}_{i:05d}", "lesion_id": f"syn_L{k:05d}", **_synth_photo(rng, lesions[k], size)}
-        if name == "stoic":
-            return {"id": f"syn_{split}_{i:03d}", **_synth_stoic_case(rng, size, *_STOIC_DEAL[k])}
-        return {"id": f"syn_{split}_{i:03d}", **_synth_plan_case(rng, name, size)}
+        if name == "ham10000":  # one photo of lesion k: a new position, shape and noise each time
+            cls, colour, radius, skin = lesions[k]
+            mask = _ellipsoid(_grid(size, 2), rng.normal(0, 0.1, 2), radius * rng.uniform(0.7, 1.0, 2))
+            rgb = np.where(mask[..., None], colour, skin) + rng.normal(0, 6, (size, size, 3))
+            return {"image": np.clip(np.rint(rgb), 0, 255), "segmentation": mask, "diagnosis": cls,
+                    "id": f"syn_{split}_{i:05d}", "lesion_id": f"syn_L{k:05d}", "original_size": (size, size)}
+        case = _synth_stoic_case(rng, size, *_STOIC_DEAL[k]) if name == "stoic" else _synth_plan_case(rng, name, size)
+        return {"id": f"syn_{split}_{i:03d}", **case}
 
     items = {s: [(s, i, k) for i, k in enumerate(ks)] for s, ks in chosen.items()}
     spatial = (size,) * (2 if name == "ham10000" else 3)
@@ -620,8 +603,7 @@ def _open_h5(path) -> h5py.File:
 
 
 def check_layout(f: h5py.File, path) -> dict:
-    """An open file's structure checked against `schema`, no data read: name, tasks, rois, spatial, counts,
-    synthetic, digest."""
+    """Check an open file's structure against `schema` (no data read): its name, tasks, rois, spatial, counts..."""
     name = f.attrs.get("dataset")
     if str(name) not in SPECS:
         raise DataError(f"{path}: its 'dataset' attribute is {'missing' if name is None else repr(name)}, not one of "
@@ -637,16 +619,15 @@ def check_layout(f: h5py.File, path) -> dict:
         raise DataError(f"{path}: attribute tasks or roi_names is not the expected JSON ({_first_line(e)}): {fix}")
     if tasks != task_spec(name, len(rois)):
         raise DataError(f"{path}: tasks {tasks} do not match {name} with {len(rois)} ROIs: {fix}")
-    for split in SPLITS:
-        if not isinstance(f.get(f"{split}/image"), h5py.Dataset):
-            raise DataError(f"{path}: {split}/image is missing (groups train, val, test each need one): {fix}")
+    keys = schema(name, (), len(rois))
+    missing = [f"{split}/{key}" for split in SPLITS for key in keys if not isinstance(f.get(f"{split}/{key}"), h5py.Dataset)]
+    if missing:
+        raise DataError(f"{path}: {missing[0]} is missing (groups train, val, test each need {', '.join(keys)}): {fix}")
     image, counts = f["train/image"], {split: f[f"{split}/image"].shape[0] for split in SPLITS}
     spatial = image.shape[1:3] if name == "ham10000" else image.shape[1:]
     for split in SPLITS:
         for key, (tail, dtype) in schema(name, spatial, len(rois)).items():
-            ds, want = f[split].get(key), (counts[split],) + tail
-            if not isinstance(ds, h5py.Dataset):
-                raise DataError(f"{path}: {split}/{key} is missing: {fix}")
+            ds, want = f[split][key], (counts[split],) + tail
             if ds.shape != want or image.ndim != 4:
                 raise DataError(f"{path}: {split}/{key} has shape {ds.shape}, expected {want}: {fix}")
             if ("str" if h5py.check_string_dtype(ds.dtype) else ds.dtype.name) != dtype:
@@ -659,8 +640,7 @@ def check_layout(f: h5py.File, path) -> dict:
 
 
 def _read(path, g: h5py.Group, key, case, at=None):
-    """g[key][at] (default: row `case`); a one-line DataError naming file, dataset and case when HDF5 cannot
-    read it (a damaged chunk) or it holds NaN or inf."""
+    """g[key][at] (default: row `case`), or a DataError naming file, dataset and case: a damaged chunk, NaN, inf."""
     ds = g[key]
     try:
         at = case if at is None else at
@@ -684,7 +664,7 @@ def _shift(t: torch.Tensor, offsets, fill: float) -> torch.Tensor:
 
 class H5Dataset(torch.utils.data.Dataset):
     """One split of a data.py file as a Dataset of dicts: axial slices (dims=2 on planning volumes) or whole cases.
-    The HDF5 handle is opened lazily by the process that reads (each DataLoader worker its own), never pickled."""
+    The HDF5 handle is opened by the process that reads (each DataLoader worker its own), never pickled."""
 
     def __init__(self, path, split, dims=2, augment=False):
         self.path, self.split, self.dims, self.augment = Path(path), split, int(dims), bool(augment)
