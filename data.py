@@ -191,7 +191,7 @@ def _seeded_split(items, key, seed) -> dict:
         raise DataError(f"{len(keys)} cases cannot fill train, val and test: use at least 3")
     val, test = (max(1, round(len(keys) * fraction)) for fraction in SPLIT_FRACTIONS[1:])
     rank = np.random.default_rng(seed).permutation(len(keys)).argsort()  # of each key in the permutation
-    split_of = {k: SPLITS[(r >= len(keys) - val - test) + (r >= len(keys) - test)] for k, r in zip(keys, rank)}
+    split_of = {k: SPLITS[int(r >= len(keys) - val - test) + int(r >= len(keys) - test)] for k, r in zip(keys, rank)}
     return {s: [x for x in items if split_of[key(x)] == s] for s in SPLITS}
 
 
