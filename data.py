@@ -127,7 +127,8 @@ def _output(name, out, overwrite: bool) -> Path:
     """Where to write `name` (default data/NAME.h5), refused if it exists unless `overwrite`."""
     out = Path(out or default_path(name))
     if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, or choose another --out")
+        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, "
+                        "or choose another --out")
     return out
 
 
@@ -148,9 +149,9 @@ def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=
                 g, n = f.create_group(split), len(items[split])
                 for key, (tail, dtype) in keys.items():  # arrays: gzip chunks of one axial slice (planning) or case
                     dt = h5py.string_dtype() if dtype == "str" else np.dtype(dtype)
-                    chunks = ((1,) * (len(tail) - 1) + tail[-2:] if name in PLANNING else (1,) + tail) if tail[1:] else None
-                    g.create_dataset(key, (n,) + tail, dt, chunks=chunks, maxshape=chunks and (None,) + tail,  # n may be 0
-                                     compression=chunks and "gzip", shuffle=bool(chunks) and dt.itemsize > 1)
+                    chunks = (1,) * (len(tail) - 1) + tail[-2:] if name in PLANNING else (1,) + tail
+                    big = dict(chunks=chunks, maxshape=(None,) + tail, compression="gzip", shuffle=dt.itemsize > 1)
+                    g.create_dataset(key, (n,) + tail, dt, **(big if len(tail) > 1 else {}))  # maxshape: n may be 0
                 digest.add(split, n, "int64")
                 for i, x in enumerate(items[split]):
                     case = make(x)
@@ -165,7 +166,7 @@ def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=
                     if stop:
                         raise KeyboardInterrupt
             f.attrs.update(dataset=name, tasks=json.dumps(task_spec(name, len(rois))), source=str(source),
-                           dims=2 if name == "ham10000" else 3, synthetic=bool(synthetic), digest=digest.h.hexdigest())
+                           dims=len(spatial), synthetic=bool(synthetic), digest=digest.h.hexdigest())
             f.attrs.update({"roi_names": json.dumps(list(rois))} if name in PLANNING else {})
             f.attrs.update({"classes": json.dumps(HAM_CLASSES)} if name == "ham10000" else {})
         if stop:
@@ -620,7 +621,8 @@ def check_layout(f: h5py.File, path) -> dict:
     if tasks != task_spec(name, len(rois)):
         raise DataError(f"{path}: tasks {tasks} do not match {name} with {len(rois)} ROIs: {fix}")
     keys = schema(name, (), len(rois))
-    missing = [f"{split}/{key}" for split in SPLITS for key in keys if not isinstance(f.get(f"{split}/{key}"), h5py.Dataset)]
+    missing = [f"{split}/{key}" for split in SPLITS for key in keys
+               if not isinstance(f.get(f"{split}/{key}"), h5py.Dataset)]
     if missing:
         raise DataError(f"{path}: {missing[0]} is missing (groups train, val, test each need {', '.join(keys)}): {fix}")
     image, counts = f["train/image"], {split: f[f"{split}/image"].shape[0] for split in SPLITS}
