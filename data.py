@@ -357,7 +357,7 @@ def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> di
             "possible_dose_mask": axial_first(read_sparse_csv(folder / "possible_dose_mask.csv", shape, False))}
 
 
-def _openkbp_raw(raw_dir: Path, shape, seed, rois):
+def _openkbp_raw(raw_dir: Path, rois, shape):
     """Checked OpenKBP-layout folder -> ({split: [patient folder]}, folder -> case, a note on ROI files left out)."""
     _require(raw_dir, {d + "/": (raw_dir / d).is_dir() for d in OPENKBP_SPLITS.values()},
              "a folder holding train-pats/, validation-pats/ and test-pats/ (open-kbp's provided-data)")
@@ -379,7 +379,7 @@ def _openkbp_raw(raw_dir: Path, shape, seed, rois):
     return patients, lambda p: read_openkbp_patient(p, shape, rois), note
 
 
-def _ham_raw(raw_dir: Path, size, seed, rois=()):
+def _ham_raw(raw_dir: Path, size, seed):
     """Checked HAM10000 release -> ({split: [metadata row]} 70/10/20 by lesion_id, row -> case resized to `size`)."""
     image_dirs = [d for d in sorted(raw_dir.iterdir())
                   if d.is_dir() and re.fullmatch(r"ham10000_images_part_?[12]", d.name.lower())]
@@ -410,7 +410,7 @@ def _ham_raw(raw_dir: Path, size, seed, rois=()):
     return _seeded_split(sorted(rows, key=lambda r: r["image_id"]), lambda r: r["lesion_id"], seed), case, None
 
 
-def _stoic_raw(raw_dir: Path, shape, seed, rois=()):
+def _stoic_raw(raw_dir: Path, shape, seed):
     """Checked STOIC 2021 folder -> ({split: [patient]} 70/10/20, patient -> case with the scan resized to `shape`)."""
     reference, scan_dir = raw_dir / "metadata" / "reference.csv", raw_dir / "data" / "mha"
     _require(raw_dir, {str(p.relative_to(raw_dir)): p.exists() for p in (reference, scan_dir)},
@@ -463,8 +463,10 @@ def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0
     out = _output(name, out, overwrite)
     if not raw_dir.is_dir():
         raise DataError(f"raw folder {raw_dir} not found: pass the folder of the unpacked {name} release")
-    raw = {"ham10000": _ham_raw, "stoic": _stoic_raw}.get(name, _openkbp_raw)
-    items, make, note = raw(raw_dir, shape if name in PLANNING else spatial, seed, rois)
+    if name in PLANNING:
+        items, make, note = _openkbp_raw(raw_dir, rois, shape)
+    else:
+        items, make, note = (_ham_raw if name == "ham10000" else _stoic_raw)(raw_dir, spatial, seed)
     _write(out, name, items, make, spatial, rois, raw_dir.resolve(), log=log)
     if note:
         print(note, file=log)
