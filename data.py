@@ -1,8 +1,7 @@
 """Datasets for CTAN: one HDF5 file per dataset, converted from the public releases or synthetic.
 
-`python data.py synth|convert|info ...` (see --help) writes and checks the files; `open_dataset` reads them.
-README.md ("## Data") states the layout in prose; `schema` is the same layout as code, used by the one
-writer (`_write`), the reader (`check_layout`, `H5Dataset`) and `info` (`describe`).
+`python data.py synth|convert|info ...` writes and checks the files; `open_dataset` reads them. README.md
+("## Data") states the layout in prose; `schema` states it as code for the writer, the reader and `info`.
 """
 import argparse
 import csv
@@ -17,8 +16,6 @@ import threading
 import time
 import warnings
 import zlib
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -92,16 +89,14 @@ def schema(name: str, spatial: tuple, n_rois: int = 0) -> dict:
 
 
 class _Digest:
-    """sha256 of a file's content: dataset, tasks, ROIs, then per split its size and every value as stored,
-    case by case in schema order. The writer and `describe` feed it in the same order."""
+    """sha256 of dataset, tasks, ROIs, then per split its size and every value as stored, in schema order."""
 
     def __init__(self, name, rois):
         self.h = hashlib.sha256(json.dumps([name, task_spec(name, len(rois)), list(rois)]).encode())
 
     def add(self, label: str, value, dtype: str = "str"):
         data = str(value).encode() if dtype == "str" else np.asarray(value, dtype).tobytes()
-        self.h.update(f"{label}:{len(data)}:".encode())
-        self.h.update(data)
+        self.h.update(f"{label}:{len(data)}:".encode() + data)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -128,97 +123,77 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _check_out(out: Path, overwrite: bool):
-    """Refuse to replace an existing file unless asked to."""
+def _output(name, out, overwrite: bool) -> Path:
+    """Where to write `name` (default data/NAME.h5), refused if it exists unless `overwrite`."""
+    out = Path(out or default_path(name))
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, "
                         "or choose another --out")
-
-
-# ----------------------------------------------------------------------------- the one writer
-@contextmanager
-def _deferred_sigint():
-    """Ctrl-C only sets a flag, checked between cases: KeyboardInterrupt is then raised from ordinary code,
-    never inside an h5py or weakref callback (where Python prints "Exception ignored" and goes on)."""
-    stop, main = [], threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True)) if main else None
-    try:
-        yield stop
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-
-
-def _write(out, name, splits: dict, spatial, rois=(), source="", synthetic=False, overwrite=False, log=None):
-    """Write {split: (n, n case dicts)} to `out` (progress lines on `log`): into a temporary file next to it,
-    renamed over it only when complete, computing the digest on the way. An error or Ctrl-C leaves nothing."""
-    out, keys, digest = Path(out), schema(name, spatial, len(rois)), _Digest(name, rois)
-    _check_out(out, overwrite)
-    new_dirs, tmp = [p for p in out.parents if not p.exists()], out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    total, done, start, shown = sum(n for n, _ in splits.values()), 0, time.monotonic(), time.monotonic()
-    with _deferred_sigint() as stop:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with h5py.File(tmp, "w") as f:
-                for split in SPLITS:
-                    n, cases = splits[split]
-                    g = f.create_group(split)
-                    for key, (tail, dtype) in keys.items():
-                        _create(g, key, (n,) + tail, dtype, name in PLANNING)
-                    digest.add(split, n, "int64")
-                    for i, case in enumerate(cases):
-                        for key, (_, dtype) in keys.items():
-                            g[key][i] = value = case[key] if dtype == "str" else np.asarray(case[key], dtype)
-                            digest.add(key, value, dtype)
-                        done += 1
-                        if log and (time.monotonic() - shown > 10 or done == total):  # every 10 s, and at the end
-                            elapsed, shown = time.monotonic() - start, time.monotonic()
-                            print(f"{out.name}: {done}/{total} cases, {elapsed:.0f}s elapsed, "
-                                  f"ETA {elapsed / done * (total - done):.0f}s", file=log, flush=True)
-                        if stop:
-                            raise KeyboardInterrupt
-                f.attrs.update(dataset=name, tasks=json.dumps(task_spec(name, len(rois))), source=str(source),
-                               dims=2 if name == "ham10000" else 3, synthetic=bool(synthetic),
-                               digest=digest.h.hexdigest())
-                f.attrs.update({"roi_names": json.dumps(list(rois))} if name in PLANNING else {})
-                f.attrs.update({"classes": json.dumps(HAM_CLASSES)} if name == "ham10000" else {})
-            if stop:
-                raise KeyboardInterrupt
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            for d in new_dirs:  # innermost first: only folders this call made, and only if still empty
-                if d.is_dir() and not any(d.iterdir()):
-                    d.rmdir()
-            raise
     return out
 
 
-def _create(g, key, shape, dtype, planning):
-    """One dataset; images chunked by axial slice (planning) or by case, gzip-compressed: readers
-    decompress only what they read."""
-    dtype = h5py.string_dtype() if dtype == "str" else np.dtype(dtype)
-    if len(shape) < 3:
-        return g.create_dataset(key, shape=shape, dtype=dtype)
-    chunks = (1,) * (len(shape) - 2) + shape[-2:] if planning else (1,) + shape[1:]
-    return g.create_dataset(key, shape=shape, maxshape=(None,) + shape[1:], dtype=dtype, chunks=chunks,
-                            compression="gzip", compression_opts=4, shuffle=dtype.itemsize > 1)  # maxshape: n may be 0
+# ----------------------------------------------------------------------------- the one writer
+def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=False, log=None) -> Path:
+    """Write case `make(x)` for every x of {split: [x]} into a temporary file renamed to `out` when complete,
+    with the digest and progress lines on `log`. An error or Ctrl-C leaves nothing. Ctrl-C only sets a flag,
+    checked between cases, so it is never raised inside an h5py callback (which would print and go on)."""
+    out, keys, digest = Path(out), schema(name, spatial, len(rois)), _Digest(name, rois)
+    new_dirs, tmp = [p for p in out.parents if not p.exists()], out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    total, done, start, shown = sum(map(len, items.values())), 0, time.monotonic(), time.monotonic()
+    stop, main_thread = [], threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True)) if main_thread else None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(tmp, "w") as f:
+            for split in SPLITS:
+                g, n = f.create_group(split), len(items[split])
+                for key, (tail, dtype) in keys.items():  # arrays: gzip chunks of one axial slice (planning) or case
+                    dt = h5py.string_dtype() if dtype == "str" else np.dtype(dtype)
+                    chunks = (1,) * (len(tail) - 1) + tail[-2:] if name in PLANNING else (1,) + tail
+                    big = dict(chunks=chunks, maxshape=(None,) + tail, compression="gzip", shuffle=dt.itemsize > 1)
+                    g.create_dataset(key, (n,) + tail, dt, **(big if len(tail) > 1 else {}))  # maxshape: n may be 0
+                digest.add(split, n, "int64")
+                for i, x in enumerate(items[split]):
+                    case = make(x)
+                    for key, (_, dtype) in keys.items():
+                        g[key][i] = value = case[key] if dtype == "str" else np.asarray(case[key], dtype)
+                        digest.add(key, value, dtype)
+                    done += 1
+                    if log and (time.monotonic() - shown > 10 or done == total):
+                        elapsed, shown = time.monotonic() - start, time.monotonic()
+                        print(f"{out.name}: {done}/{total} cases, {elapsed:.0f}s elapsed, "
+                              f"ETA {elapsed / done * (total - done):.0f}s", file=log, flush=True)
+                    if stop:
+                        raise KeyboardInterrupt
+            f.attrs.update(dataset=name, tasks=json.dumps(task_spec(name, len(rois))), source=str(source),
+                           dims=len(spatial), synthetic=bool(synthetic), digest=digest.h.hexdigest())
+            f.attrs.update({"roi_names": json.dumps(list(rois))} if name in PLANNING else {})
+            f.attrs.update({"classes": json.dumps(HAM_CLASSES)} if name == "ham10000" else {})
+        if stop:
+            raise KeyboardInterrupt
+        os.replace(tmp, out)
+        return out
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for d in new_dirs:  # innermost first: only folders this call made, and only if still empty
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
-def _split_counts(n, fractions=SPLIT_FRACTIONS):
-    """Sizes of train/val/test for n items: val and test get at least one each."""
-    if n < 3:
-        raise DataError(f"{n} cases cannot fill train, val and test: use at least 3")
-    val, test = max(1, round(n * fractions[1])), max(1, round(n * fractions[2]))
-    return n - val - test, val, test
-
-
-def _seeded_split(keys, seed):
-    """{key: split} from a seeded permutation of the sorted unique keys, 70/10/20."""
-    keys = sorted(set(keys))
-    order = np.random.default_rng(seed).permutation(len(keys))
-    bounds = np.cumsum(_split_counts(len(keys)))
-    return {keys[j]: SPLITS[int(np.searchsorted(bounds, rank, side="right"))] for rank, j in enumerate(order)}
+def _seeded_split(items, key, seed) -> dict:
+    """{split: [items, in order]}: a seeded permutation of the sorted unique keys cut 70/10/20 (val and test at least
+    one each), so that items sharing a key (a lesion) share a split."""
+    keys = sorted({key(x) for x in items})
+    if len(keys) < 3:
+        raise DataError(f"{len(keys)} cases cannot fill train, val and test: use at least 3")
+    val, test = (max(1, round(len(keys) * fraction)) for fraction in SPLIT_FRACTIONS[1:])
+    rank = np.random.default_rng(seed).permutation(len(keys)).argsort()  # of each key in the permutation
+    split_of = {k: SPLITS[int(r >= len(keys) - val - test) + int(r >= len(keys) - test)] for k, r in zip(keys, rank)}
+    return {s: [x for x in items if split_of[key(x)] == s] for s in SPLITS}
 
 
 # ----------------------------------------------------------------------------- raw readers
@@ -228,8 +203,7 @@ _MET_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHOR
 
 
 def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
-    """A MetaImage (.mha, or .mhd + .raw/.zraw; zlib if CompressedData) as (array with axes reversed from
-    DimSize, i.e. z, y, x; spacing in mm in the same order). Orientation is ignored."""
+    """A MetaImage (.mha, or .mhd + .raw/.zraw) as (array z, y, x: DimSize reversed; spacing in mm, z, y, x)."""
     path, header = Path(path), {}
     if not path.is_file():
         raise DataError(f"{path} not found: expected a MetaImage .mha or .mhd file")
@@ -239,9 +213,9 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
             if not key:
                 raise DataError(f"{path}: MetaImage header has no ElementDataFile line: not a MetaImage file")
             header.update({key.strip(): value.strip()} if sep else {})
-        raw = fh.read() if header["ElementDataFile"] == "LOCAL" else None
+        raw = fh.read()
 
-    def numbers(key, n=None, kind=int, default=None):
+    def numbers(key, n=None, kind=int, default=None):  # n numbers (any count if None) of a header key
         text = header.get(key, default)
         try:
             values = [kind(v) for v in text.split()]
@@ -254,16 +228,17 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
 
     shape = numbers("DimSize", numbers("NDims", 1)[0] if "NDims" in header else None)
     spacing = numbers("ElementSpacing", len(shape), float, header.get("ElementSize", "1 " * len(shape)))
-    etype, name = header.get("ElementType"), header["ElementDataFile"]
+    etype, data_file = header.get("ElementType"), path.parent / header["ElementDataFile"]
     if etype not in _MET_TYPES or numbers("ElementNumberOfChannels", 1, default="1") != [1]:
         raise DataError(f"{path}: MetaImage of {etype} x {header.get('ElementNumberOfChannels', 1)} channels is not "
                         f"supported: expected one channel of {', '.join(_MET_TYPES)}")
     msb = header.get("BinaryDataByteOrderMSB", header.get("ElementByteOrderMSB", "False")).lower() == "true"
     dtype = np.dtype(_MET_TYPES[etype]).newbyteorder(">" if msb else "<")
-    if raw is None and not (path.parent / name).is_file():
-        raise DataError(f"{path}: its data file {path.parent / name} is missing (one file per slice is not "
-                        "supported): put it next to the header")
-    raw = raw if raw is not None else (path.parent / name).read_bytes()
+    if header["ElementDataFile"] != "LOCAL":
+        if not data_file.is_file():
+            raise DataError(f"{path}: its data file {data_file} is missing (one file per slice is not supported): "
+                            "put it next to the header")
+        raw = data_file.read_bytes()
     nbytes = math.prod(shape) * dtype.itemsize
     if header.get("CompressedData", "False").lower() == "true":
         try:
@@ -271,7 +246,7 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
         except zlib.error as e:
             raise DataError(f"{path}: corrupt zlib data ({e}): re-export the image") from None
     else:
-        skip = numbers("HeaderSize", 1, default="0")[0]
+        skip = numbers("HeaderSize", 1, default="0")[0]  # -1: the data are the last bytes
         raw = raw[len(raw) - nbytes:] if skip == -1 else raw[skip:]
     if len(raw) != nbytes:
         raise DataError(f"{path}: {len(raw)} data bytes, expected {nbytes} for DimSize {shape} "
@@ -281,15 +256,12 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_sparse_csv(path, shape, values=True) -> np.ndarray:
-    """An OpenKBP CSV (header `,data`; rows `flat_index,value`, or `flat_index,` for masks) as a dense
-    C-order array of `shape`: float64 values, or bool for masks. Unlisted voxels are 0."""
-    path = Path(path)
+    """An OpenKBP CSV (header `,data`; rows `flat_index,value`, `flat_index,` for masks) as a dense C-order array
+    of `shape`: float64 values, or bool for masks. Unlisted voxels are 0."""
     try:
-        with open(path) as fh:
-            header = fh.readline()
-        with warnings.catch_warnings():
+        with open(path) as fh, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # header-only files: "input contained no data"
-            rows = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(0, 1) if values else (0,), ndmin=2)
+            header, rows = fh.readline(), np.loadtxt(fh, delimiter=",", usecols=(0, 1) if values else (0,), ndmin=2)
     except ValueError as e:  # also UnicodeDecodeError
         raise DataError(f"{path}: cannot parse ({_first_line(e)}): expected rows 'flat_index,value'"
                         + ("" if values else " or 'flat_index,'")) from None
@@ -313,6 +285,18 @@ def _read_image(path, mode) -> Image.Image:
             return im.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # truncated, not an image...
         raise DataError(f"{path}: cannot decode the image ({_first_line(e)}): download it again") from None
+
+
+def _csv_rows(path, columns) -> list:
+    """The rows of a CSV file with a header as dicts, or a DataError naming the file and the columns it needs."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (ValueError, csv.Error) as e:  # also UnicodeDecodeError
+        raise DataError(f"{path}: cannot parse ({_first_line(e)}): download it again") from None
+    if not rows or not set(columns) <= set(rows[0]):
+        raise DataError(f"{path}: needs a header with {', '.join(columns)} and data rows")
+    return rows
 
 
 def axial_first(volume: np.ndarray) -> np.ndarray:
@@ -346,6 +330,13 @@ def _sizes(text, n, example) -> tuple:
     return tuple(dims)
 
 
+def _require(raw_dir, found: dict, what: str):
+    """A DataError naming the entries of {name: present} that `raw_dir` lacks and what RAW_DIR should hold."""
+    gone = [name for name, ok in found.items() if not ok]
+    if gone:
+        raise DataError(f"{raw_dir} lacks {', '.join(gone)}: point RAW_DIR at {what}")
+
+
 def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> dict:
     """One OpenKBP-layout patient folder (volumes of `shape` = (D, H, W), W = z) as one stored case (z first)."""
     folder = Path(folder)
@@ -359,24 +350,21 @@ def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> di
         voxel = _first_line(e)
     if np.shape(voxel) != (3,):
         raise DataError(f"{folder / 'voxel_dimensions.csv'}: expected 3 numbers (mm), one a line: got {voxel}")
-    structures = np.zeros((len(rois),) + tuple(shape), bool)
-    for r, roi in enumerate(rois):
-        if (folder / f"{roi}.csv").is_file():
-            structures[r] = read_sparse_csv(folder / f"{roi}.csv", shape, values=False)
+    masks = [read_sparse_csv(folder / f"{roi}.csv", shape, values=False) if (folder / f"{roi}.csv").is_file()
+             else np.zeros(shape, bool) for roi in rois]  # no file: not contoured
     return {"image": axial_first(raw_ct - 1024), "dose": axial_first(read_sparse_csv(folder / "dose.csv", shape)),
-            "structures": axial_first(structures), "id": folder.name, "voxel_dimensions": voxel[[2, 0, 1]],
+            "structures": axial_first(np.stack(masks)), "id": folder.name, "voxel_dimensions": voxel[[2, 0, 1]],
             "possible_dose_mask": axial_first(read_sparse_csv(folder / "possible_dose_mask.csv", shape, False))}
 
 
 def _openkbp_raw(raw_dir: Path, rois, shape):
-    """Checked OpenKBP-layout folder -> ({split: (n, cases)}, a note on ROI files left out)."""
-    lacking, extra = [d + "/" for d in OPENKBP_SPLITS.values() if not (raw_dir / d).is_dir()], set()
-    if lacking:
-        raise DataError(f"{raw_dir} lacks {', '.join(lacking)}: point RAW_DIR at a folder holding train-pats/, "
-                        "validation-pats/ and test-pats/ (open-kbp's provided-data)")
+    """Checked OpenKBP-layout folder -> ({split: [patient folder]}, folder -> case, a note on ROI files left out)."""
+    _require(raw_dir, {d + "/": (raw_dir / d).is_dir() for d in OPENKBP_SPLITS.values()},
+             "a folder holding train-pats/, validation-pats/ and test-pats/ (open-kbp's provided-data)")
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731, pt_2 < pt_10
     patients = {s: sorted((p for p in (raw_dir / d).iterdir() if p.is_dir()), key=natural)
                 for s, d in OPENKBP_SPLITS.items()}
+    lacking, extra = [], set()
     for p in (p for ps in patients.values() for p in ps):
         names = {c.name for c in p.glob("*.csv")}
         gone = [f for f in OPENKBP_FILES if f not in names]
@@ -388,25 +376,17 @@ def _openkbp_raw(raw_dir: Path, rois, shape):
     if not any(patients.values()):
         raise DataError(f"{raw_dir}: no patient folders under {', '.join(OPENKBP_SPLITS.values())}")
     note = extra and f"note: ignored ROI files {', '.join(sorted(extra))} (add them to --rois to keep them)"
-    return {s: (len(ps), (read_openkbp_patient(p, shape, rois) for p in ps)) for s, ps in patients.items()}, note
+    return patients, lambda p: read_openkbp_patient(p, shape, rois), note
 
 
 def _ham_raw(raw_dir: Path, size, seed):
-    """Checked HAM10000 release -> {split: (n, cases)} resized to `size` (H, W), split 70/10/20 by lesion_id."""
+    """Checked HAM10000 release -> ({split: [metadata row]} 70/10/20 by lesion_id, row -> case resized to `size`)."""
     image_dirs = [d for d in sorted(raw_dir.iterdir())
                   if d.is_dir() and re.fullmatch(r"ham10000_images_part_?[12]", d.name.lower())]
-    gone = [name for name, ok in ((HAM_METADATA, (raw_dir / HAM_METADATA).is_file()), (HAM_IMAGE_DIRS, image_dirs),
-                                  (HAM_MASK_DIR + "/", (raw_dir / HAM_MASK_DIR).is_dir())) if not ok]
-    if gone:
-        raise DataError(f"{raw_dir} lacks {', '.join(gone)}: point RAW_DIR at the unpacked HAM10000 release "
-                        "plus its lesion segmentations")
-    try:
-        with open(raw_dir / HAM_METADATA, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except (ValueError, csv.Error) as e:
-        raise DataError(f"{raw_dir / HAM_METADATA}: cannot parse ({_first_line(e)}): download it again") from None
-    if not rows or not {"lesion_id", "image_id", "dx"} <= set(rows[0]):
-        raise DataError(f"{raw_dir / HAM_METADATA}: needs a header with lesion_id, image_id, dx and data rows")
+    _require(raw_dir, {HAM_METADATA: (raw_dir / HAM_METADATA).is_file(), HAM_IMAGE_DIRS: image_dirs,
+                       HAM_MASK_DIR + "/": (raw_dir / HAM_MASK_DIR).is_dir()},
+             "the unpacked HAM10000 release plus its lesion segmentations")
+    rows = _csv_rows(raw_dir / HAM_METADATA, ("lesion_id", "image_id", "dx"))
     bad = sorted({r["dx"] for r in rows} - set(HAM_CLASSES))
     if bad:
         raise DataError(f"{raw_dir / HAM_METADATA}: unknown dx {', '.join(bad)}: expected {', '.join(HAM_CLASSES)}")
@@ -427,35 +407,15 @@ def _ham_raw(raw_dir: Path, size, seed):
         return {"image": np.asarray(rgb), "segmentation": np.asarray(mask) > 128, "id": r["image_id"],
                 "lesion_id": r["lesion_id"], "diagnosis": HAM_CLASSES.index(r["dx"]), "original_size": original}
 
-    split_of = _seeded_split([r["lesion_id"] for r in rows], seed)
-    rows = sorted(rows, key=lambda r: r["image_id"])
-    chosen = {s: [r for r in rows if split_of[r["lesion_id"]] == s] for s in SPLITS}
-    return {s: (len(rs), map(case, rs)) for s, rs in chosen.items()}
-
-
-def resize_volume(volume: np.ndarray, shape) -> np.ndarray:
-    """float32 volume resized to `shape`: area averaging along axes that shrink (no aliasing), then
-    trilinear along axes that grow; unchanged values when the shape already matches."""
-    volume, shape = np.asarray(volume, np.float32), tuple(shape)
-    smaller = tuple(min(a, b) for a, b in zip(volume.shape, shape))
-    t = torch.from_numpy(volume)[None, None]
-    t = F.adaptive_avg_pool3d(t, smaller) if smaller != volume.shape else t
-    t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False) if smaller != shape else t
-    return t[0, 0].numpy()
+    return _seeded_split(sorted(rows, key=lambda r: r["image_id"]), lambda r: r["lesion_id"], seed), case, None
 
 
 def _stoic_raw(raw_dir: Path, shape, seed):
-    """Checked STOIC 2021 folder -> {split: (n, cases)}: scans resized to `shape` (int16 HU), split 70/10/20
-    by patient."""
+    """Checked STOIC 2021 folder -> ({split: [patient]} 70/10/20, patient -> case with the scan resized to `shape`)."""
     reference, scan_dir = raw_dir / "metadata" / "reference.csv", raw_dir / "data" / "mha"
-    gone = [str(p.relative_to(raw_dir)) for p in (reference, scan_dir) if not p.exists()]
-    if gone:
-        raise DataError(f"{raw_dir} lacks {', '.join(gone)}: point RAW_DIR at the STOIC 2021 folder "
-                        "holding data/mha/ and metadata/reference.csv")
-    with open(reference, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"PatientID", "probCOVID", "probSevere"} <= set(rows[0]):
-        raise DataError(f"{reference}: needs a header with PatientID, probCOVID, probSevere and data rows")
+    _require(raw_dir, {str(p.relative_to(raw_dir)): p.exists() for p in (reference, scan_dir)},
+             "the STOIC 2021 folder holding data/mha/ and metadata/reference.csv")
+    rows = _csv_rows(reference, ("PatientID", "probCOVID", "probSevere"))
     scans = {r["PatientID"]: next((p for p in (scan_dir / f"{r['PatientID']}{e}" for e in (".mha", ".mhd"))
                                    if p.is_file()), None) for r in rows}
     lacking = [f"{pid}.mha" for pid, p in scans.items() if p is None]
@@ -469,24 +429,26 @@ def _stoic_raw(raw_dir: Path, shape, seed):
     labels = {r["PatientID"]: {"covid": int(float(r["probCOVID"])), "severe": int(float(r["probSevere"]))}
               for r in rows}
 
-    def case(pid):
+    def case(pid):  # resized by area averaging along axes that shrink (no aliasing), trilinear along those that grow
         volume, spacing = read_metaimage(scans[pid])
         if volume.ndim != 3 or (volume.dtype.kind == "f" and not np.isfinite(volume).all()):
             raise DataError(f"{scans[pid]}: a {volume.ndim}D image, or NaN or inf in it: expected a finite 3D CT")
-        return {"image": np.clip(np.rint(resize_volume(volume, shape)), -32768, 32767), **labels[pid], "id": pid,
+        t = torch.from_numpy(volume.astype(np.float32))[None, None]
+        smaller = tuple(min(a, b) for a, b in zip(volume.shape, shape))
+        t = F.adaptive_avg_pool3d(t, smaller) if smaller != volume.shape else t
+        t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False) if smaller != tuple(shape) else t
+        return {"image": np.clip(np.rint(t[0, 0].numpy()), -32768, 32767), **labels[pid], "id": pid,
                 "original_shape": volume.shape, "original_voxel_dimensions": spacing,
                 "voxel_dimensions": spacing * volume.shape / np.array(shape)}
 
-    split_of = _seeded_split(list(scans), seed)
-    chosen = {s: sorted(pid for pid in scans if split_of[pid] == s) for s in SPLITS}
-    return {s: (len(ids), map(case, ids)) for s, ids in chosen.items()}
+    return _seeded_split(sorted(scans), str, seed), case, None
 
 
 def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0, overwrite=False, log=None) -> Path:
     """Convert the raw public release of dataset `name` in `raw_dir` to `out` (default data/NAME.h5).
     openkbp/prostate take `shape` (D,H,W of the flat indices) and `rois`; ham10000 (WIDTHxHEIGHT) and stoic
     (cube side) take `size` and `seed` (of their split). Everything is checked before anything is written."""
-    raw_dir, out, log, note = Path(raw_dir), Path(out or default_path(name)), log or sys.stderr, None
+    raw_dir, log = Path(raw_dir), log or sys.stderr
     if name in PLANNING and size is not None:
         raise DataError(f"--size does not apply to {name}: use --shape D,H,W (the raw volume shape)")
     if name not in PLANNING and (shape is not None or rois):
@@ -495,16 +457,17 @@ def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0
     rois = rois or SPECS[check_name(name)].rois
     if name in PLANNING:
         shape = _sizes(shape or 128, 3, "128 or 128,128,96")
-    spatial = _sizes(size or "256x192", 2, "256x192")[::-1] if name == "ham10000" else _sizes(size or 128, 3, "128")
-    _check_out(out, overwrite)
+        spatial = shape[2:] + shape[:2]  # z first, as axial_first stores it
+    else:
+        spatial = _sizes(size or "256x192", 2, "256x192")[::-1] if name == "ham10000" else _sizes(size or 128, 3, "128")
+    out = _output(name, out, overwrite)
     if not raw_dir.is_dir():
         raise DataError(f"raw folder {raw_dir} not found: pass the folder of the unpacked {name} release")
     if name in PLANNING:
-        splits, note = _openkbp_raw(raw_dir, rois, shape)
-        spatial = axial_first(np.empty(shape, bool)).shape
+        items, make, note = _openkbp_raw(raw_dir, rois, shape)
     else:
-        splits = (_ham_raw if name == "ham10000" else _stoic_raw)(raw_dir, spatial, seed)
-    _write(out, name, splits, spatial, rois, raw_dir.resolve(), overwrite=overwrite, log=log)
+        items, make, note = (_ham_raw if name == "ham10000" else _stoic_raw)(raw_dir, spatial, seed)
+    _write(out, name, items, make, spatial, rois, raw_dir.resolve(), log=log)
     if note:
         print(note, file=log)
     return out
@@ -522,28 +485,31 @@ def _ellipsoid(grid, centre, radii):
     return sum(((x - c) / r) ** 2 for x, c, r in zip(grid, centre, radii)) <= 1
 
 
-def _distance(grid, centre):
-    """Euclidean distance to `centre` on the grid."""
-    return np.sqrt(sum((x - c) ** 2 for x, c in zip(grid, centre)))
-
-
-# Synthetic anatomy on the raw axes (D, H, W), W = z, in [-1, 1]: ROI -> (centre, radii, HU); an inf radius
-# makes a cylinder along z. The PTVs are drawn per case (`_synth_plan_case`); these OARs are spared.
+# Synthetic anatomy on the raw axes (D, H, W), W = z, in [-1, 1]: ROI -> (centre, radii, HU, spared by the plan);
+# an inf radius makes a cylinder along z. The PTVs are drawn per case (`_synth_plan_case`).
 _ORGANS = {
-    "openkbp": {"SpinalCord": ((0.4, 0, 0), (0.07, 0.07, np.inf), 250),
-                "Brainstem": ((0.35, 0, 0.7), (0.12, 0.12, 0.25), 200),
-                "RightParotid": ((0.05, -0.45, 0.4), (0.16, 0.1, 0.18), -150),
-                "LeftParotid": ((0.05, 0.45, 0.4), (0.16, 0.1, 0.18), -150),
-                "Esophagus": ((0.2, 0, -0.6), (0.06, 0.08, 0.5), -400),
-                "Larynx": ((-0.25, 0, -0.25), (0.12, 0.12, 0.2), -600),
-                "Mandible": ((-0.45, 0, 0.3), (0.15, 0.45, 0.12), 1200)},
-    "prostate": {"FemoralHead_R": ((0.05, -0.6, 0.1), (0.14, 0.14, 0.16), 900),
-                 "FemoralHead_L": ((0.05, 0.6, 0.1), (0.14, 0.14, 0.16), 900),
-                 "Bladder": ((-0.2, 0, 0.35), (0.2, 0.22, 0.2), -100),
-                 "Rectum": ((0.35, 0, -0.4), (0.09, 0.1, 0.6), -350)},
+    "openkbp": {"SpinalCord": ((0.4, 0, 0), (0.07, 0.07, np.inf), 250, True),
+                "Brainstem": ((0.35, 0, 0.7), (0.12, 0.12, 0.25), 200, True),
+                "RightParotid": ((0.05, -0.45, 0.4), (0.16, 0.1, 0.18), -150, True),
+                "LeftParotid": ((0.05, 0.45, 0.4), (0.16, 0.1, 0.18), -150, True),
+                "Esophagus": ((0.2, 0, -0.6), (0.06, 0.08, 0.5), -400, False),
+                "Larynx": ((-0.25, 0, -0.25), (0.12, 0.12, 0.2), -600, False),
+                "Mandible": ((-0.45, 0, 0.3), (0.15, 0.45, 0.12), 1200, False)},
+    "prostate": {"FemoralHead_R": ((0.05, -0.6, 0.1), (0.14, 0.14, 0.16), 900, True),
+                 "FemoralHead_L": ((0.05, 0.6, 0.1), (0.14, 0.14, 0.16), 900, True),
+                 "Bladder": ((-0.2, 0, 0.35), (0.2, 0.22, 0.2), -100, True),
+                 "Rectum": ((0.35, 0, -0.4), (0.09, 0.1, 0.6), -350, True)},
 }
-_SPARED = ("SpinalCord", "Brainstem", "RightParotid", "LeftParotid", "FemoralHead_R", "FemoralHead_L", "Bladder",
-           "Rectum")
+# Lesion look per class: frequency, mean RGB, radius range (fraction of half the image).
+_LESIONS = {"akiec": (0.08, (200, 100, 90), (0.35, 0.55)), "bcc": (0.08, (230, 170, 190), (0.35, 0.55)),
+            "bkl": (0.12, (170, 130, 80), (0.4, 0.65)), "df": (0.07, (140, 90, 120), (0.2, 0.35)),
+            "mel": (0.13, (60, 40, 35), (0.5, 0.75)), "nv": (0.45, (115, 70, 45), (0.35, 0.55)),
+            "vasc": (0.07, (170, 30, 60), (0.2, 0.35))}
+# STOIC (covid, severe) -> (opacity count range, radius range, HU range): ground glass for COVID, more and larger
+# when severe; at most one small solid nodule otherwise. Dealt in fifths: 60 % COVID, a third of those severe.
+_OPACITIES = {(0, 0): ((0, 2), (0.08, 0.1), (30, 50)), (1, 0): ((3, 7), (0.12, 0.2), (-450, -200)),
+              (1, 1): ((6, 12), (0.2, 0.3), (-450, -200))}
+_STOIC_DEAL = ((0, 0), (0, 0), (1, 0), (1, 0), (1, 1))
 
 
 def _synth_plan_case(rng, name, size):
@@ -554,79 +520,40 @@ def _synth_plan_case(rng, name, size):
     body = np.broadcast_to(_ellipsoid(g, (*rng.normal(0, 0.04, 2), 0), radii), shape)
     hu, dose = np.where(body, 40.0, -1024.0), np.zeros(shape)
     structures = np.zeros((len(rois),) + shape, bool)
-    for roi, (centre, radii, value) in _ORGANS[name].items():
+    for roi, (centre, radii, value, _) in _ORGANS[name].items():
         mask = _ellipsoid(g, np.add(centre, rng.normal(0, 0.04, 3)), radii) & body
         hu[mask], structures[rois.index(roi)] = value, mask
     targets = sorted((float(roi[3:] or 78), roi) for roi in rois if roi.startswith("PTV"))  # (Gy, ROI), PTV = 78 Gy
-    distance, radius = _distance(g, rng.uniform(-0.3, 0.3, 3)), rng.uniform(0.1, 0.16)
+    distance = np.sqrt(sum((x - c) ** 2 for x, c in zip(g, rng.uniform(-0.3, 0.3, 3))))
+    radius = rng.uniform(0.1, 0.16)
     for rx, roi in targets:  # lowest prescription first: the largest sphere, painted under the others
         r = radius + (targets[-1][0] - rx) / 100
         hu[(distance <= r) & body], structures[rois.index(roi)] = 10 * rx - 420, (distance <= r) & body
         dose = np.maximum(dose, rx * np.exp(-np.maximum(distance - r, 0) / 0.4))
     in_target = structures[[rois.index(roi) for _, roi in targets]].any(0)
-    dose[structures[[rois.index(roi) for roi in _SPARED if roi in rois]].any(0) & ~in_target] *= 0.75
+    spared = [rois.index(roi) for roi, organ in _ORGANS[name].items() if organ[3]]
+    dose[structures[spared].any(0) & ~in_target] *= 0.75
     hu[body] += rng.normal(0, 15, int(body.sum()))
     voxel = np.array([3.906, 3.906, 2.5]) * 128 / size
     return {"image": axial_first(np.rint(hu)), "dose": axial_first(dose * body), "structures": axial_first(structures),
             "possible_dose_mask": axial_first(body), "voxel_dimensions": voxel[[2, 0, 1]]}
 
 
-# Lesion look per class: mean RGB, radius range (fraction of half the image), border irregularity.
-_LESIONS = {"akiec": ((200, 100, 90), (0.35, 0.55), 0.15), "bcc": ((230, 170, 190), (0.35, 0.55), 0.2),
-            "bkl": ((170, 130, 80), (0.4, 0.65), 0.1), "df": ((140, 90, 120), (0.2, 0.35), 0.05),
-            "mel": ((60, 40, 35), (0.5, 0.75), 0.3), "nv": ((115, 70, 45), (0.35, 0.55), 0.03),
-            "vasc": ((170, 30, 60), (0.2, 0.35), 0.05)}
-_LESION_FREQ = {"akiec": 0.08, "bcc": 0.08, "bkl": 0.12, "df": 0.07, "mel": 0.13, "nv": 0.45, "vasc": 0.07}
-
-
-def _synth_lesion(rng):
-    """Parameters of one synthetic lesion: its class decides colour, size and border."""
-    cls = rng.choice(HAM_CLASSES, p=[_LESION_FREQ[c] for c in HAM_CLASSES])
-    colour, (r0, r1), rough = _LESIONS[cls]
-    return {"diagnosis": HAM_CLASSES.index(cls), "colour": np.array(colour) * rng.normal(1, 0.07, 3),
-            "radius": rng.uniform(r0, r1), "aspect": rng.uniform(0.7, 1.0), "rough": rough,
-            "phase": rng.uniform(0, 2 * np.pi, 3), "skin": np.array([225, 185, 155]) + rng.normal(0, 12, 3)}
-
-
-def _render_lesion(rng, p, size):
-    """One photo of a lesion: a new position, angle and noise each time (several per lesion)."""
-    y, x = _grid(size, 2)
-    cy, cx, angle = rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(0, np.pi)
-    u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
-    v = ((y - cy) * np.cos(angle) - (x - cx) * np.sin(angle)) / p["aspect"]
-    rho, theta = np.hypot(u, v), np.arctan2(v, u)
-    edge = p["radius"] * (1 + p["rough"] * sum(np.sin(k * theta + ph) / k for k, ph in zip((3, 5, 7), p["phase"])))
-    mask = rho <= edge
-    shade = (0.85 + 0.15 * np.clip(rho / edge, 0, 1))[..., None]
-    rgb = np.where(mask[..., None], p["colour"] * shade, p["skin"])
-    rgb = rgb + rng.normal(0, 6, rgb.shape)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mask
-
-
 def _synth_stoic_case(rng, size, covid, severe):
-    """One chest CT (z, y, x): lungs with ground-glass opacities for COVID (more, larger when severe)."""
-    _, y, x = g = _grid(size)
-    hu = np.full((size,) * 3, -1000.0, np.float32)
-    body = np.broadcast_to(_ellipsoid((y, x), (rng.normal(0, 0.03), 0), (0.75, 0.92)), hu.shape)
-    hu[body] = 40
+    """One chest CT (z, y, x): a body cylinder, two lungs and the opacities of its class."""
+    g = _grid(size)
+    body = np.broadcast_to(_ellipsoid(g[1:], (rng.normal(0, 0.03), 0), (0.75, 0.92)), (size,) * 3)
     lungs = [((rng.normal(0, 0.03), -0.05, side * 0.42), (0.8, 0.55, 0.32)) for side in (-1, 1)]
     lung = _ellipsoid(g, *lungs[0]) | _ellipsoid(g, *lungs[1])
-    hu[lung] = -850
-    if covid and severe:
-        n, radii, values = rng.integers(6, 12), (0.2, 0.3), (-450, -200)
-    elif covid:
-        n, radii, values = rng.integers(3, 7), (0.12, 0.2), (-450, -200)
-    else:  # at most one small solid nodule
-        n, radii, values = int(rng.random() < 0.5), (0.08, 0.1), (30, 50)
-    for _ in range(n):
+    hu = np.where(lung, -850.0, np.where(body, 40.0, -1000.0))
+    count, radii, values = _OPACITIES[covid, severe]
+    for _ in range(rng.integers(*count)):
         centre, axes = lungs[rng.integers(2)]
-        direction = rng.normal(size=3)
-        direction /= np.linalg.norm(direction)
-        point = np.array(centre) + np.array(axes) * 0.7 * rng.random() ** (1 / 3) * direction
-        blob = (_distance(g, point) <= rng.uniform(*radii)) & lung
-        hu[blob] = rng.uniform(*values)
-    hu[body] += rng.normal(0, 20, int(body.sum())).astype(np.float32)
-    return np.rint(hu).astype(np.int16)
+        point = np.add(centre, np.multiply(axes, rng.uniform(-0.5, 0.5, 3)))  # inside the lung
+        hu[_ellipsoid(g, point, (rng.uniform(*radii),) * 3) & lung] = rng.uniform(*values)
+    hu[body] += rng.normal(0, 20, int(body.sum()))
+    return {"image": np.rint(hu), "covid": covid, "severe": severe, "original_shape": (size,) * 3,
+            "voxel_dimensions": np.full(3, 320.0 / size), "original_voxel_dimensions": np.full(3, 320.0 / size)}
 
 
 def synth(name, out=None, n=None, size=None, seed=0, overwrite=False) -> Path:
@@ -636,61 +563,48 @@ def synth(name, out=None, n=None, size=None, seed=0, overwrite=False) -> Path:
     n, size = spec.synth_n if n is None else int(n), spec.synth_size if size is None else int(size)
     if size <= 0 or size % 32:
         raise DataError(f"--size {size} is not a positive multiple of 32: models downsample by 32, use e.g. 64")
-    counts, out, rng = _split_counts(n), Path(out or default_path(name)), np.random.default_rng(seed)
-    _check_out(out, overwrite)
+    out, rng = _output(name, out, overwrite), np.random.default_rng(seed)
+    chosen = _seeded_split(range(n), int, seed)  # split -> per case k: its number, lesion or label pair
     if name == "ham10000":  # several photos per lesion, no lesion in two splits
-        lesions = [_synth_lesion(rng) for _ in range(max(3, round(n / 1.25)))]
+        freq, colours, radii = zip(*_LESIONS.values())
+        lesions = [(k, np.multiply(colours[k], rng.normal(1, 0.07, 3)), rng.uniform(*radii[k]),
+                    rng.normal((225, 185, 155), 12)) for k in rng.choice(len(freq), max(3, round(n / 1.25)), p=freq)]
         owner = list(range(len(lesions))) + list(rng.integers(0, len(lesions), n - len(lesions)))
-        split_of = _seeded_split(range(len(lesions)), seed)
-        chosen = {split: [k for k in owner if split_of[k] == split] for split in SPLITS}
-        counts = [len(chosen[split]) for split in SPLITS]
-    # STOIC (covid, severe): 60 % COVID, a third of those severe, dealt so that every split of >= 5 scans holds
-    # every class (otherwise a small val/test split can lack severe cases and its AUC is NaN).
-    stoic_labels = ((0, 0), (0, 0), (1, 0), (1, 0), (1, 1))
+        chosen = _seeded_split(owner, int, seed)
+    elif name == "stoic":  # dealt so that every split of >= 5 scans holds every class
+        chosen = {s: rng.permutation(len(ks)) % len(_STOIC_DEAL) for s, ks in chosen.items()}
 
-    def cases(split, count):
-        deal = rng.permutation(count) % len(stoic_labels) if name == "stoic" else None
-        for i in range(count):
-            if name == "ham10000":
-                k = chosen[split][i]
-                image, mask = _render_lesion(rng, lesions[k], size)
-                yield {"image": image, "segmentation": mask, "diagnosis": lesions[k]["diagnosis"],
-                       "id": f"SYN_{split}_{i:05d}", "lesion_id": f"SYN_L{k:05d}", "original_size": (size, size)}
-            elif name == "stoic":
-                covid, severe = stoic_labels[deal[i]]
-                voxel = np.full(3, 320.0 / size)
-                yield {"image": _synth_stoic_case(rng, size, covid, severe), "covid": covid, "severe": severe,
-                       "id": f"syn_{split}_{i:03d}", "voxel_dimensions": voxel, "original_shape": (size,) * 3,
-                       "original_voxel_dimensions": voxel}
-            else:
-                yield {"id": f"syn_{split}_{i:03d}", **_synth_plan_case(rng, name, size)}
+    def make(item):
+        split, i, k = item
+        if name == "ham10000":  # one photo of lesion k: a new position, shape and noise each time
+            cls, colour, radius, skin = lesions[k]
+            mask = _ellipsoid(_grid(size, 2), rng.normal(0, 0.1, 2), radius * rng.uniform(0.7, 1.0, 2))
+            rgb = np.where(mask[..., None], colour, skin) + rng.normal(0, 6, (size, size, 3))
+            return {"image": np.clip(np.rint(rgb), 0, 255), "segmentation": mask, "diagnosis": cls,
+                    "id": f"syn_{split}_{i:05d}", "lesion_id": f"syn_L{k:05d}", "original_size": (size, size)}
+        case = _synth_stoic_case(rng, size, *_STOIC_DEAL[k]) if name == "stoic" else _synth_plan_case(rng, name, size)
+        return {"id": f"syn_{split}_{i:03d}", **case}
 
-    splits = {split: (count, cases(split, count)) for split, count in zip(SPLITS, counts)}
+    items = {s: [(s, i, k) for i, k in enumerate(ks)] for s, ks in chosen.items()}
     spatial = (size,) * (2 if name == "ham10000" else 3)
-    return _write(out, name, splits, spatial, spec.rois, f"synthetic seed={seed}", True, overwrite)
+    return _write(out, name, items, make, spatial, spec.rois, f"synthetic seed={seed}", True)
 
 
 # ----------------------------------------------------------------------------- reading
-def _open_h5(path) -> tuple[h5py.File, dict]:
-    """The data.py file at `path` open for reading, with its checked layout (`check_layout`)."""
+def _open_h5(path) -> h5py.File:
+    """The HDF5 file at `path` open for reading, or a DataError saying how to make it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: {_make_hint(path.stem if path.stem in SPECS else 'NAME', out=path)}")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as e:
         raise DataError(f"{path} is not a readable HDF5 file ({_first_line(e)}): rebuild it with data.py synth "
                         "or convert") from None
-    try:
-        return f, check_layout(f, path)
-    except BaseException:
-        f.close()
-        raise
 
 
 def check_layout(f: h5py.File, path) -> dict:
-    """Check an open file's structure against `schema` (no data read): name, tasks, rois, spatial, counts,
-    synthetic, digest."""
+    """Check an open file's structure against `schema` (no data read): its name, tasks, rois, spatial, counts..."""
     name = f.attrs.get("dataset")
     if str(name) not in SPECS:
         raise DataError(f"{path}: its 'dataset' attribute is {'missing' if name is None else repr(name)}, not one of "
@@ -706,17 +620,16 @@ def check_layout(f: h5py.File, path) -> dict:
         raise DataError(f"{path}: attribute tasks or roi_names is not the expected JSON ({_first_line(e)}): {fix}")
     if tasks != task_spec(name, len(rois)):
         raise DataError(f"{path}: tasks {tasks} do not match {name} with {len(rois)} ROIs: {fix}")
-    missing = [split for split in SPLITS if not isinstance(f.get(f"{split}/image"), h5py.Dataset)]
+    keys = schema(name, (), len(rois))
+    missing = [f"{split}/{key}" for split in SPLITS for key in keys
+               if not isinstance(f.get(f"{split}/{key}"), h5py.Dataset)]
     if missing:
-        raise DataError(f"{path}: {missing[0]}/image is missing (groups train, val, test each need one): {fix}")
-    image = f["train/image"]
+        raise DataError(f"{path}: {missing[0]} is missing (groups train, val, test each need {', '.join(keys)}): {fix}")
+    image, counts = f["train/image"], {split: f[f"{split}/image"].shape[0] for split in SPLITS}
     spatial = image.shape[1:3] if name == "ham10000" else image.shape[1:]
-    counts = {split: f[f"{split}/image"].shape[0] for split in SPLITS}
     for split in SPLITS:
         for key, (tail, dtype) in schema(name, spatial, len(rois)).items():
-            ds, want = f[split].get(key), (counts[split],) + tail
-            if not isinstance(ds, h5py.Dataset):
-                raise DataError(f"{path}: {split}/{key} is missing: {fix}")
+            ds, want = f[split][key], (counts[split],) + tail
             if ds.shape != want or image.ndim != 4:
                 raise DataError(f"{path}: {split}/{key} has shape {ds.shape}, expected {want}: {fix}")
             if ("str" if h5py.check_string_dtype(ds.dtype) else ds.dtype.name) != dtype:
@@ -729,8 +642,7 @@ def check_layout(f: h5py.File, path) -> dict:
 
 
 def _read(path, g: h5py.Group, key, case, at=None):
-    """g[key][at] (default: row `case`); a one-line DataError naming file, dataset and case when HDF5 cannot
-    read it (a damaged chunk) or it holds NaN or inf."""
+    """g[key][at] (default: row `case`), or a DataError naming file, dataset and case: a damaged chunk, NaN, inf."""
     ds = g[key]
     try:
         at = case if at is None else at
@@ -754,14 +666,14 @@ def _shift(t: torch.Tensor, offsets, fill: float) -> torch.Tensor:
 
 class H5Dataset(torch.utils.data.Dataset):
     """One split of a data.py file as a Dataset of dicts: axial slices (dims=2 on planning volumes) or whole cases.
-    The HDF5 handle is opened lazily by the process that reads (each DataLoader worker its own), never pickled."""
+    The HDF5 handle is opened by the process that reads (each DataLoader worker its own), never pickled."""
 
     def __init__(self, path, split, dims=2, augment=False):
         self.path, self.split, self.dims, self.augment = Path(path), split, int(dims), bool(augment)
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-        f, meta = _open_h5(self.path)
-        with f:
+        with _open_h5(self.path) as f:
+            meta = check_layout(f, self.path)
             self.ids = list(_read(self.path, f[split], "id", "ids", slice(None)))  # read once: every item has its id
         self.dataset, self.tasks, self.roi_names = meta["name"], meta["tasks"], list(meta["rois"])
         self.synthetic, self.digest, self.num_cases = meta["synthetic"], meta["digest"], meta["counts"][split]
@@ -827,9 +739,7 @@ class H5Dataset(torch.utils.data.Dataset):
         return {key: int(v) if isinstance(v, np.integer) else v for key, v in values.items()}
 
 
-def open_dataset(path, split, dims=2, augment=False) -> H5Dataset:
-    """Split `split` of the data.py HDF5 file at `path` as a torch Dataset of dicts."""
-    return H5Dataset(path, split, dims=dims, augment=augment)
+open_dataset = H5Dataset  # open_dataset(path, split, dims=2, augment=False): one split as a torch Dataset of dicts
 
 
 # ----------------------------------------------------------------------------- info
@@ -837,38 +747,36 @@ def describe(path, full=True) -> str:
     """Check a file and summarise it. full=True reads every value of every dataset, case by case: a damaged
     chunk, NaN or inf, a negative dose, a label out of range or content that no longer matches the digest fail."""
     path = Path(path)
-    f, meta = _open_h5(path)
-    name, tasks, rois, counts = meta["name"], meta["tasks"], meta["rois"], meta["counts"]
-    keys, digest = schema(name, meta["spatial"], len(rois)), _Digest(name, rois)
-    lines = [f"{path}: {name}, synthetic={meta['synthetic']}, source={f.attrs['source']}, digest={meta['digest']}",
-             "tasks: " + ", ".join(f"{t} ({kind}, {n})" for t, (kind, n) in tasks.items())]
-    lines += ["roi_names: " + ", ".join(rois)] if rois else []
-    with f:
+    with _open_h5(path) as f:
+        meta = check_layout(f, path)
+        name, tasks, rois, counts = meta["name"], meta["tasks"], meta["rois"], meta["counts"]
+        keys, digest = schema(name, meta["spatial"], len(rois)), _Digest(name, rois)
+        lines = [f"{path}: {name}, synthetic={meta['synthetic']}, source={f.attrs['source']}, digest={meta['digest']}",
+                 "tasks: " + ", ".join(f"{t} ({kind}, {n})" for t, (kind, n) in tasks.items())]
+        lines += ["roi_names: " + ", ".join(rois)] if rois else []
         for split in SPLITS:
             lines += [f"{split}: {counts[split]} cases"]
             lines += [f"  {key:26s} {str(f[split][key].shape):24s} {dtype}" for key, (_, dtype) in keys.items()]
             digest.add(split, counts[split], "int64")
-            seen = defaultdict(list)
+            seen = {task: [] for task in tasks}  # per case: the label, the mean of a map, the ROIs contoured
             for i in range(counts[split] if full else 0):
                 for key, (_, dtype) in keys.items():
                     value = _read(path, f[split], key, i)
                     digest.add(key, value, dtype)
-                    if key in tasks and tasks[key][0] == "image" and not 0 <= value < tasks[key][1]:
-                        raise DataError(f"{path}: {split}/{key} of case {i} is {value}, outside 0..{tasks[key][1] - 1}")
+                    kind, k = tasks.get(key, ("", 0))
+                    if kind == "image" and not 0 <= value < k:
+                        raise DataError(f"{path}: {split}/{key} of case {i} is {value}, outside 0..{k - 1}")
                     if key == "dose" and value.min() < 0:
                         raise DataError(f"{path}: negative dose in {split}/dose of case {i}: fix the source data")
-                    if key in tasks:
+                    if kind:
                         seen[key].append(value.any(axis=(1, 2, 3)) if key == "structures" else np.mean(value))
-            for task, (kind, k) in tasks.items():
-                if kind == "image" and seen[task]:
-                    names = HAM_CLASSES if task == "diagnosis" else range(k)
-                    balance = np.bincount(np.array(seen[task], int), minlength=k)
-                    lines.append(f"  balance {task}: " + ", ".join(f"{c} {m}" for c, m in zip(names, balance)))
-            if seen["structures"]:
-                lines.append(f"  balance dose: mean {np.mean(seen['dose']):.2f} Gy per voxel; cases contoured: "
-                             + ", ".join(f"{r} {c}" for r, c in zip(rois, np.sum(seen["structures"], axis=0))))
-            if seen["segmentation"]:
-                lines.append(f"  balance segmentation: {100 * np.mean(seen['segmentation']):.1f}% lesion pixels")
+            for task, values in ((t, v) for t, v in seen.items() if v):
+                kind, k = tasks[task]
+                names = HAM_CLASSES if task == "diagnosis" else rois if task == "structures" else range(k)
+                counted = np.bincount(np.array(values, int), minlength=k) if kind == "image" else np.sum(values, 0)
+                text = f"mean {np.mean(values):.3g} per pixel" if task in ("dose", "segmentation") else ", ".join(
+                    f"{c} {m}" for c, m in zip(names, counted))
+                lines.append(f"  balance {task}: {text}" + (" (cases contoured)" if task == "structures" else ""))
     if full and digest.h.hexdigest() != meta["digest"]:
         raise DataError(f"{path}: its content does not match its digest (changed since written): "
                         + _make_hint(name, "rebuild", out=path))
