@@ -968,26 +968,20 @@ MODEL_KEYS = ("dataset", "arch", "dims", "width", "depth", "transition")  # take
 
 
 def check_out(cfg, log):
-    """Nothing silently replaced: a run's folder that holds a run is continued (--resume), or started
-    over (--overwrite, which removes the run's files), or refused."""
+    """Nothing silently replaced: a folder that holds a run (or the stage of --stage) is continued with
+    --resume, started over with --overwrite (its run files are removed), or refused."""
     out = Path(cfg["out"])
-    if cfg["resume"]:
-        if not list(out.glob("**/last.pt")):
-            raise UserError(f"--resume: no last.pt in {out}: start the run without --resume")
-        return
-    stages = [e for e in GUIDANCE if cfg["stage"] in ("all", e[0])] if cfg["arch"] == "guidance" else []
-    folders = ([out] if cfg["stage"] == "all" else []) + [out / e for e in stages]
+    if cfg["resume"] and not list(out.glob("**/last.pt")):
+        raise UserError(f"--resume: no last.pt in {out}: start the run without --resume")
+    folders = [out / e for e in GUIDANCE if cfg["stage"] == e[0]] or [out, *[out / e for e in GUIDANCE]]
     names = ["results_eval.json"] if cfg.get("eval_only") else RUN_FILES
-    held = [f / n for f in folders for n in names if (f / n).exists()]
+    held = [] if cfg["resume"] else [f / n for f in folders for n in names if (f / n).exists()]
     if held and not cfg["overwrite"]:
         raise UserError(f"{out} holds a run ({held[0]}): continue it with --resume, choose another --out, "
                         "or start over with --overwrite")
-    for path in held:
-        path.unlink()
-    for folder in folders if held and not cfg.get("eval_only") else []:
-        shutil.rmtree(folder / "predictions", ignore_errors=True)
-    if held:
-        log(f"--overwrite: removed {len(held)} files of the earlier run in {out}")
+    for path in held + [f / "predictions" for f in folders if held and not cfg.get("eval_only")]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    log(f"--overwrite: removed {len(held)} files of the earlier run in {out}") if held else None
 
 
 def checkpoint_config(cfg, args):
