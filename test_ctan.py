@@ -258,7 +258,7 @@ def test_checkpointing_gives_the_same_gradients():
 # data.py: synthetic files, converters, errors
 # ============================================================================================
 HERE = Path(__file__).resolve().parent
-REAL_OPENKBP = HERE.parent / "shared" / "data" / "openkbp"
+REAL_OPENKBP = Path(os.environ.get("OPENKBP_SAMPLE", HERE.parent / "shared" / "data" / "openkbp"))
 TINY_DATA = {"openkbp": dict(n=4, size=32), "prostate": dict(n=4, size=32), "ham10000": dict(n=12, size=32),
         "stoic": dict(n=5, size=32)}
 
