@@ -195,10 +195,9 @@ class CrossTaskAttention(nn.Module):
         self.gate = nn.Parameter(torch.full((n_tasks,), float(gate_init)))
 
     def pool_factor(self, spatial):
-        factor, tokens = 1, math.prod(spatial)
-        while tokens > self.max_tokens:
+        factor = 1
+        while math.prod([-(-s // factor) for s in spatial]) > self.max_tokens:
             factor *= 2
-            tokens = math.prod([-(-s // factor) for s in spatial])
         return factor
 
     def forward(self, feats):

@@ -285,7 +285,7 @@ def test_checkpointing_gives_the_same_gradients():
     x = tiny_input(2)
     result = []
     for flag in (False, True):
-        model = tiny_model("ctan", TWO, checkpointing=flag)
+        model = tiny_model("ctan", TWO, checkpointing=flag, **two_stages("ctan"))
         sum(o.square().mean() for o in model(x).values()).backward()
         result.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*result):
