@@ -43,6 +43,9 @@ TASK_MIXES = {
     "image+image": {"covid": ("image", 2), "severe": ("image", 2)},
     "three": {"dose": ("pixel", 1), "structures": ("pixel", 2), "grade": ("image", 3)},
 }
+# 2D: 64 x 64, batch 2, four stages (the bottleneck keeps 2 x 2 tokens: with a single key, attention ignores its
+# query). 3D volumes are slow on a CPU: 32^3, batch 1, two stages (down to 4^3, so batch norm has 64 values).
+SIZES = {2: (2, (64, 64)), 3: (1, (32, 32, 32))}
 
 
 def tiny_model(arch, tasks, dims=2, in_channels=2, **options):
@@ -55,37 +58,60 @@ def tiny_input(dims, in_channels=2, batch=2, size=32):
     return torch.randn(batch, in_channels, *[size] * dims)
 
 
-@pytest.mark.parametrize("mix", TASK_MIXES)
-@pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("arch", ctan.ARCHS)
-def test_shapes_and_gradients_reach_every_parameter(arch, dims, mix):
-    check_shapes_and_gradients(arch, TASK_MIXES[mix], dims)
+def sized_input(dims, in_channels=2):
+    torch.manual_seed(1)
+    batch, size = SIZES[dims]
+    return torch.randn(batch, in_channels, *size)
 
 
-def check_shapes_and_gradients(arch, tasks, dims, **options):
-    # 64 so that the bottleneck has 2 x 2 tokens: with a single key, attention ignores its query
-    model, x = tiny_model(arch, tasks, dims, **options), tiny_input(dims, size=64)
+def two_stages(arch):
+    """Options for a two-stage encoder (and CTAN's cross-task attention at both stages)."""
+    return {"depth": (2, 2), **({"cross_stages": (1, 2)} if arch == "ctan" else {})}
+
+
+def sized_model(arch, tasks, dims, in_channels=2, **options):
+    """tiny_model with two stages in 3D."""
+    return tiny_model(arch, tasks, dims, in_channels, **{**(two_stages(arch) if dims == 3 else {}), **options})
+
+
+# Each arch once in 2D and once in 3D; every task mix and both MTAN/CTAN transitions appear.
+CASES = [("stl", 2, "pixel+pixel", {}), ("hps", 2, "three", {}), ("mtan", 2, "pixel+image", {}),
+         ("ctan", 2, "three", {}), ("ctan", 2, "pixel+pixel", {"transition": "conv"}), ("mfe", 2, "image+image", {}),
+         ("stl", 3, "image+image", {}), ("hps", 3, "pixel+pixel", {}), ("mtan", 3, "three", {"transition": "conv"}),
+         ("ctan", 3, "pixel+image", {}), ("mfe", 3, "pixel+image", {})]
+
+
+def test_cases_cover_every_arch_in_both_dims_and_every_task_mix():
+    assert {(arch, dims) for arch, dims, _, _ in CASES} == {(a, d) for a in ctan.ARCHS for d in (2, 3)}
+    assert {mix for _, _, mix, _ in CASES} == set(TASK_MIXES)
+    assert {(arch, options.get("transition")) for arch, _, _, options in CASES} >= {(a, t) for a in ("mtan", "ctan")
+                                                                                 for t in (None, "conv")}
+
+
+@pytest.mark.parametrize("arch, dims, mix, options", CASES, ids=[f"{a}-{d}d-{m}-{o}" for a, d, m, o in CASES])
+def test_shapes_and_gradients_reach_every_parameter(arch, dims, mix, options):
+    tasks = TASK_MIXES[mix]
+    model, x = sized_model(arch, tasks, dims, **options), sized_input(dims)
     out = model(x)
     assert set(out) == set(tasks)
     for name, (kind, n) in tasks.items():
-        expected = (2, n, *x.shape[2:]) if kind == "pixel" else (2, n)
+        expected = (x.shape[0], n, *x.shape[2:]) if kind == "pixel" else (x.shape[0], n)
         assert tuple(out[name].shape) == expected, name
     sum(o.square().mean() for o in out.values()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{arch}: no finite gradient for {name}"
         assert p.grad.abs().sum() > 0, f"{arch}: zero gradient for {name}"
-    return model
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("arch", ["mtan", "ctan"])
-def test_light_transition_shapes_and_gradients(arch, dims):
+def test_light_transition_is_a_strided_1x1_conv(dims):
     """transition="conv": a strided 1x1 conv-norm-ReLU per task between stages instead of MTAN's block."""
-    model = check_shapes_and_gradients(arch, TASK_MIXES["pixel+image"], dims, transition="conv")
-    step = model.transition[0][0]
+    with torch.device("meta"):
+        light, block = (ctan.build_model("ctan", TWO, 1, dims, transition=t, **TINY) for t in ("conv", "block"))
+    step = light.transition[0][0]
     assert isinstance(step[0], (torch.nn.Conv2d, torch.nn.Conv3d)) and step[0].kernel_size == (1,) * dims
-    assert step[0].stride == (2,) * dims
-    assert ctan.count_parameters(model) < ctan.count_parameters(tiny_model(arch, TASK_MIXES["pixel+image"], dims))
+    assert step[0].stride == (2,) * dims and isinstance(block.transition[0][0], ctan.Bottleneck)
+    assert ctan.count_parameters(light) < ctan.count_parameters(block)
 
 
 def grads(model, x, task):
@@ -103,12 +129,11 @@ def reaches(g, prefix):
 TWO = {"dose": ("pixel", 1), "diagnosis": ("image", 3)}
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_stl_tasks_are_independent(dims):
-    model = tiny_model("stl", TWO, dims)
-    g = grads(model, tiny_input(dims), "dose")
+def test_stl_tasks_are_independent():
+    model = tiny_model("stl", TWO)
+    g = grads(model, tiny_input(2), "dose")
     assert reaches(g, "encoders.dose.") and not reaches(g, "encoders.diagnosis.")
-    assert not reaches(g, "heads.diagnosis.")
+    assert reaches(g, "heads.dose.") and not reaches(g, "heads.diagnosis.")
 
 
 @pytest.mark.parametrize("arch", ["hps", "mtan", "mfe"])
@@ -125,15 +150,14 @@ def task_branch(index):
     return tuple(f"{part}.{s}.{index}." for part in ("attention", "transition") for s in range(4))
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_ctan_cross_task_attention_carries_information_between_tasks(dims):
-    x = tiny_input(dims)
-    g = grads(tiny_model("ctan", TWO, dims), x, "dose")
+def test_ctan_cross_task_attention_carries_information_between_tasks():
+    x = tiny_input(2)
+    g = grads(tiny_model("ctan", TWO), x, "dose")
     assert any(reaches(g, p) for p in task_branch(1)), "dose does not depend on the diagnosis branch"
     assert reaches(g, "cross.1.kv.1."), "diagnosis keys/values do not reach dose"
     # Switching cross-task attention off removes the dependence (and then CTAN is MTAN).
     for arch, options in [("ctan", {"cross_stages": ()}), ("mtan", {})]:
-        g = grads(tiny_model(arch, TWO, dims, **options), x, "dose")
+        g = grads(tiny_model(arch, TWO, **options), x, "dose")
         assert not any(reaches(g, p) for p in task_branch(1)), arch
         assert reaches(g, task_branch(0)[0])
 
@@ -153,7 +177,7 @@ def test_cross_attention_only_at_chosen_stages():
     assert list(model.cross) == ["4"]
     g = grads(model, tiny_input(2), "dose")
     # Only the bottleneck exchanges: the diagnosis branch reaches dose through its stage-4 mask alone.
-    assert reaches(g, "attention.3.1.")
+    assert reaches(g, "attention.3.1.") and reaches(g, "cross.4.kv.1.")
 
 
 def test_mtan_masks_lie_in_unit_interval_and_multiply_shared_features():
@@ -161,8 +185,7 @@ def test_mtan_masks_lie_in_unit_interval_and_multiply_shared_features():
     seen = []
     for s in range(4):
         for t in range(2):
-            att = model.attention[s][t]
-            att.register_forward_hook(lambda m, inp, out: seen.append((m.mask(
+            model.attention[s][t].register_forward_hook(lambda m, inp, out: seen.append((m.mask(
                 inp[0] if inp[2] is None else torch.cat([inp[0], inp[2]], 1)), inp[1], out)))
     model(tiny_input(2))
     assert len(seen) == 8
@@ -171,30 +194,39 @@ def test_mtan_masks_lie_in_unit_interval_and_multiply_shared_features():
         torch.testing.assert_close(out, mask * shared)
 
 
-def test_cross_task_attention_pools_keys_to_bounded_tokens():
-    att = ctan.CrossTaskAttention(channels=8, n_tasks=2, heads=2, max_tokens=64)
-    assert att.pool_factor((32, 32)) == 4 and att.pool_factor((8, 8)) == 1
-    assert att.pool_factor((16, 16, 16)) == 4
-    feats = [torch.randn(1, 8, 32, 32), torch.randn(1, 8, 32, 32)]
-    assert all(o.shape == f.shape for o, f in zip(att(feats), feats))
+def reference_cross_attention(att, feats, factor, pool_queries=True):
+    """CrossTaskAttention written out plainly: per task, pool, normalise, project, attend, upsample, add."""
+    pool = lambda f: torch.nn.functional.avg_pool2d(f, factor, factor, ceil_mode=True) if factor > 1 else f
+    tok = lambda t, f: att.norm[t](f.flatten(2).transpose(1, 2))
+    heads = lambda x: x.unflatten(2, (att.heads, -1)).transpose(1, 2)
+    out = []
+    for t, f in enumerate(feats):
+        fq = pool(f) if pool_queries else f
+        kv = torch.cat([att.kv[s](tok(s, pool(g))) for s, g in enumerate(feats) if s != t], 1)
+        k, v = kv.chunk(2, -1)
+        a = torch.nn.functional.scaled_dot_product_attention(heads(att.q[t](tok(t, fq))), heads(k), heads(v))
+        a = att.out[t](a.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(fq.shape)
+        out.append(f + att.gate[t] * torch.nn.functional.interpolate(a, size=f.shape[2:], mode="nearest"))
+    return out
 
 
-def test_pooled_queries_give_the_attention_of_the_pooled_map_upsampled():
-    """pool_queries: the update at a large stage is the update of the pooled map, repeated over
-    each pooled block; at a stage within max_tokens nothing is pooled (same as full queries)."""
+@pytest.mark.parametrize("shape, factor", [((2, 8, 32, 32), 4), ((2, 8, 8, 8), 1), ((1, 8, 10, 40), 4)])
+@pytest.mark.parametrize("pool_queries", [True, False])
+def test_cross_task_attention_pools_keys_to_bounded_tokens_and_matches_the_plain_formula(shape, factor, pool_queries):
+    """Keys and values are pooled by powers of 2 to at most max_tokens; the computation equals the plain
+    per-task formula (including 10 x 40 pooled to 3 x 10, which does not divide the map)."""
     torch.manual_seed(0)
-    pooled = ctan.CrossTaskAttention(channels=8, n_tasks=2, heads=2, max_tokens=64, gate_init=1.0).eval()
-    full = ctan.CrossTaskAttention(channels=8, n_tasks=2, heads=2, max_tokens=64, gate_init=1.0,
-                                   pool_queries=False).eval()
-    full.load_state_dict(pooled.state_dict())
-    small = [torch.randn(2, 8, 8, 8) for _ in range(2)]  # 64 tokens: no pooling
-    for a, b in zip(pooled(small), full(small)):
+    att = ctan.CrossTaskAttention(channels=8, n_tasks=3, heads=2, max_tokens=64, gate_init=0.5,
+                                  pool_queries=pool_queries)
+    assert att.pool_factor(shape[2:]) == factor and att.pool_factor((16, 16, 16)) == 4
+    feats = [torch.randn(shape) for _ in range(3)]
+    out = att(feats)
+    assert all(o.shape == f.shape for o, f in zip(out, feats))
+    for a, b in zip(out, reference_cross_attention(att, feats, factor, pool_queries)):
         torch.testing.assert_close(a, b)
-    feats = [torch.randn(2, 8, 32, 32) for _ in range(2)]  # 1024 tokens: pooled by 4
-    coarse = [ctan.avg_pool(f, 4) for f in feats]
-    for f, out, c, c_out in zip(feats, pooled(feats), coarse, full(coarse)):
-        torch.testing.assert_close(out - f, ctan.upsample(c_out - c, f.shape[2:]), atol=1e-5, rtol=1e-5)
-    assert not all(torch.allclose(a, b) for a, b in zip(pooled(feats), full(feats)))
+    if shape[2] % factor == 0:  # pooled queries: the update is constant over each pooled block; full ones: not
+        block = (out[0] - feats[0])[..., :factor, :factor]
+        assert torch.allclose(block, block[..., :1, :1].expand_as(block), atol=1e-6) == (pool_queries or factor == 1)
 
 
 def test_window_partition_round_trips():
@@ -211,47 +243,99 @@ def test_window_partition_round_trips():
 
 
 def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
-    model = tiny_model("mfe", TWO)
+    with torch.device("meta"):
+        model = ctan.build_model("mfe", TWO, 1, **TINY)
     head = model.heads["diagnosis"]
     assert head.levels == (-2, -1) and head.mlp[0].out_features == 32
+    assert head.mlp[0].in_features == sum(model.encoder.channels[-2:])
     assert [b[0].dilation[0] for b in model.dfe[0].branches] == [1, 6, 12, 18]
     assert all(type(b).__name__ == "BasicBlock" for stage in model.encoder.stages for b in stage)
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda: ctan.build_model("unet", TWO, 1), "valid: stl, hps"),
-    (lambda: ctan.build_model("ctan", {"a": ("voxel", 1)}, 1), "kind in"),
+    (lambda: ctan.build_model("hps", {"a": ("voxel", 1)}, 1), "kind in"),
+    (lambda: ctan.build_model("hps", {"a": ("pixel", 0)}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("ctan", TWO, 1, dims=4), "dims must be 2 or 3"),
-    (lambda: ctan.build_model("ctan", {}, 1), "tasks is empty"),
+    (lambda: ctan.build_model("stl", {}, 1), "kind in"),
     (lambda: ctan.build_model("ctan", {"a": ("pixel", 1)}, 1, **TINY), "at least two tasks"),
     (lambda: ctan.build_model("mtan", TWO, 1, width=4, depth=(1, 1, 1, 1)), "depth >= 2"),
     (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=(5,), **TINY), "cross_stages"),
     (lambda: ctan.build_model("mtan", TWO, 1, transition="bottleneck", **TINY), "'block' .* or 'conv'"),
+    (lambda: ctan.build_model("hps", TWO, 1, block="wide", **TINY), "'bottleneck' or 'basic'"),
+    (lambda: ctan.build_model("hps", TWO, 1, norm_kind="layer", **TINY), "'batch', 'group', 'instance'"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 40, 40)), "multiple of 32"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 3, 32, 32)), "expected input of shape"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, 32)), "2D model"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_allowed_values(call, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message), torch.device("meta"):
         call()
 
 
 def test_networks_can_be_built_directly_with_default_encoders():
     """An engineer copying ctan.py can call the classes themselves: the same as build_model's defaults."""
-    for arch, cls in ctan.NETWORKS.items():
-        direct, factory = cls(TWO, 1), ctan.build_model(arch, TWO, 1)
-        assert ctan.count_parameters(direct) == ctan.count_parameters(factory), arch
+    with torch.device("meta"):
+        for arch, cls in ctan.NETWORKS.items():
+            direct, factory = cls(TWO, 1), ctan.build_model(arch, TWO, 1)
+            assert ctan.count_parameters(direct) == ctan.count_parameters(factory) > 20e6, arch
+            assert type(direct.encoders["dose"] if arch == "stl" else direct.encoder) is type(
+                factory.encoders["dose"] if arch == "stl" else factory.encoder)
 
 
 def test_checkpointing_gives_the_same_gradients():
     x = tiny_input(2)
     result = []
     for flag in (False, True):
-        model = tiny_model("ctan", TWO, checkpointing=flag)
+        model = tiny_model("ctan", TWO, checkpointing=flag, **two_stages("ctan"))
         sum(o.square().mean() for o in model(x).values()).backward()
         result.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*result):
         torch.testing.assert_close(a, b)
+
+
+def guided_model(dims=2):
+    inferior = ctan.build_model("stl", {"dose": ("pixel", 1)}, 1, dims, width=4, depth=(1, 1))
+    return ctan.GuidedModel(inferior, ctan.GuidanceNetwork(dims, inferior.encoders["dose"].channels),
+                            inferior.heads)
+
+
+@pytest.mark.parametrize("arch", [*ctan.ARCHS, "guided"])
+def test_every_network_compiles_to_one_graph_without_breaks(arch):
+    """torch.compile sees each network whole: one graph, no graph breaks (traced only, no compiler run; two
+    stages, which run every code path, as tracing costs seconds per stage)."""
+    torch._dynamo.reset()
+    model = guided_model() if arch == "guided" else tiny_model(arch, TWO, in_channels=1, **two_stages(arch))
+    explained = torch._dynamo.explain(model)(torch.randn(2, 1, 64, 64))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_pixel_heads_output_conv_runs_in_fp32_under_autocast():
+    model, x = tiny_model("hps", TASK_MIXES["three"]), tiny_input(2)
+    inputs = {}
+    for name in ("dose", "structures"):
+        model.heads[name].out.register_forward_hook(lambda m, inp, out, name=name: inputs.update({name: inp[0]}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out["grade"].dtype == torch.bfloat16  # autocast is on elsewhere
+    for name in ("dose", "structures"):
+        head = model.heads[name].out
+        assert out[name].dtype == inputs[name].dtype == torch.float32
+        torch.testing.assert_close(out[name], torch.nn.functional.conv2d(inputs[name], head.weight, head.bias),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_and_bf16_autocast_forward_backward_of_every_arch(dims):
+    memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = sized_input(dims).to(memory_format=memory_format)
+    for arch in ctan.ARCHS:
+        model = sized_model(arch, TASK_MIXES["pixel+image"], dims).to(memory_format=memory_format)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out["segmentation"].dtype == torch.float32 and out["segmentation"].shape[2:] == x.shape[2:]
+        sum(o.float().square().mean() for o in out.values()).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()), arch
 
 
 # ============================================================================================
