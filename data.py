@@ -34,7 +34,6 @@ HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 HU_MIN, HU_MAX, HU_SCALE = -1000.0, 1500.0, 1000.0          # CT normalisation: clip, then divide
 RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
 
-
 class Spec(NamedTuple):
     modality: str      # "ct": 1 channel in HU; "rgb": 3 channels uint8
     model_dims: tuple  # model dims a reader may ask for: 2 = axial slices / images, 3 = volumes
@@ -42,7 +41,6 @@ class Spec(NamedTuple):
     synth_size: int    # default synthetic spatial size (cube side / square side)
     tasks: dict        # task -> (kind, n_out); n_out None = number of ROIs
     rois: tuple        # default ROI list (structures channels)
-
 
 _PLAN_TASKS = {"dose": ("pixel", 1), "structures": ("pixel", None)}
 SPECS = {
@@ -54,25 +52,20 @@ SPECS = {
 DATASETS = tuple(SPECS)
 PLANNING = ("prostate", "openkbp")  # radiotherapy planning datasets: dose + structures, slice chunks
 
-
 def default_path(name: str) -> Path:
     """Where `synth` and `convert` write NAME by default (relative to the working directory)."""
     return Path("data") / f"{check_name(name)}.h5"
-
 
 def in_channels(name: str) -> int:
     """Input channels of a dataset's model: 3 for RGB dermoscopy, 1 for CT."""
     return 3 if SPECS[check_name(name)].modality == "rgb" else 1
 
-
 def task_spec(name: str, n_rois: int = 0) -> dict:
     """{task: (kind, n_out)} of a dataset; `structures` gets one channel per ROI."""
     return {t: (kind, n_rois if n is None else n) for t, (kind, n) in SPECS[check_name(name)].tasks.items()}
 
-
 # ----------------------------------------------------------------------------- the layout, as code
 ATTRS = ("dataset", "tasks", "dims", "synthetic", "source", "digest")  # + roi_names (planning), classes (ham)
-
 
 def schema(name: str, spatial: tuple, n_rois: int = 0) -> dict:
     """The arrays of every split: key -> (shape after the case axis, dtype). Row i of each is case i."""
@@ -87,7 +80,6 @@ def schema(name: str, spatial: tuple, n_rois: int = 0) -> dict:
     return {"image": (s, "int16"), "dose": (s, "float32"), "structures": ((n_rois,) + s, "bool"),
             "possible_dose_mask": (s, "bool"), "voxel_dimensions": ((3,), "float64"), "id": ((), "str")}
 
-
 class _Digest:
     """sha256 of dataset, tasks, ROIs, then per split its size and every value as stored, in schema order."""
 
@@ -98,11 +90,9 @@ class _Digest:
         data = str(value).encode() if dtype == "str" else np.asarray(value, dtype).tobytes()
         self.h.update(f"{label}:{len(data)}:".encode() + data)
 
-
 # ----------------------------------------------------------------------------- errors
 class DataError(ValueError):
     """Bad input (file, folder, option): a one-line message naming the problem and the fix."""
-
 
 def check_name(name: str) -> str:
     """`name` if it is a known dataset, else DataError listing the valid names."""
@@ -110,18 +100,15 @@ def check_name(name: str) -> str:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     return name
 
-
 def _make_hint(name: str, verb: str = "make", out=None) -> str:
     """The commands that make a dataset file (with --out where it is not the default path)."""
     flag = f" --out {out}" if out is not None and Path(out) != Path("data") / f"{name}.h5" else ""
     return (f"{verb} it with `python data.py synth {name}{flag}` (synthetic stand-in) "
             f"or `python data.py convert {name} RAW_DIR{flag}` (real data)")
 
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
 
 def _output(name, out, overwrite: bool) -> Path:
     """Where to write `name` (default data/NAME.h5), refused if it exists unless `overwrite`."""
@@ -130,7 +117,6 @@ def _output(name, out, overwrite: bool) -> Path:
         raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, "
                         "or choose another --out")
     return out
-
 
 # ----------------------------------------------------------------------------- the one writer
 def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=False, log=None) -> Path:
@@ -183,7 +169,6 @@ def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=
         if main_thread:
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
-
 def _seeded_split(items, key, seed) -> dict:
     """{split: [items, in order]}: a seeded permutation of the sorted unique keys cut 70/10/20 (val and test at least
     one each), so that items sharing a key (a lesion) share a split."""
@@ -195,12 +180,10 @@ def _seeded_split(items, key, seed) -> dict:
     split_of = {k: SPLITS[int(r >= len(keys) - val - test) + int(r >= len(keys) - test)] for k, r in zip(keys, rank)}
     return {s: [x for x in items if split_of[key(x)] == s] for s in SPLITS}
 
-
 # ----------------------------------------------------------------------------- raw readers
 _MET_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2", "MET_INT": "i4",
               "MET_UINT": "u4", "MET_LONG": "i4", "MET_ULONG": "u4", "MET_LONG_LONG": "i8", "MET_ULONG_LONG": "u8",
               "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
-
 
 def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
     """A MetaImage (.mha, or .mhd + .raw/.zraw) as (array z, y, x: DimSize reversed; spacing in mm, z, y, x)."""
@@ -254,7 +237,6 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
     array = np.frombuffer(raw, dtype).reshape(shape[::-1]).astype(dtype.newbyteorder("="))
     return array, np.array(spacing[::-1], dtype=np.float64)
 
-
 def read_sparse_csv(path, shape, values=True) -> np.ndarray:
     """An OpenKBP CSV (header `,data`; rows `flat_index,value`, `flat_index,` for masks) as a dense C-order array
     of `shape`: float64 values, or bool for masks. Unlisted voxels are 0."""
@@ -277,7 +259,6 @@ def read_sparse_csv(path, shape, values=True) -> np.ndarray:
     dense[index] = rows[:, 1] if values else True
     return dense.reshape(shape)
 
-
 def _read_image(path, mode) -> Image.Image:
     """An image file converted to PIL `mode`, or a DataError naming the file."""
     try:
@@ -285,7 +266,6 @@ def _read_image(path, mode) -> Image.Image:
             return im.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # truncated, not an image...
         raise DataError(f"{path}: cannot decode the image ({_first_line(e)}): download it again") from None
-
 
 def _csv_rows(path, columns) -> list:
     """The rows of a CSV file with a header as dicts, or a DataError naming the file and the columns it needs."""
@@ -298,16 +278,13 @@ def _csv_rows(path, columns) -> list:
         raise DataError(f"{path}: needs a header with {', '.join(columns)} and data rows")
     return rows
 
-
 def axial_first(volume: np.ndarray) -> np.ndarray:
     """(..., D, H, W) with W the axial axis z, as the OpenKBP CSVs index it -> (..., Z, D, H), as stored."""
     return np.moveaxis(volume, -1, -3)
 
-
 def axial_slice(k: int) -> tuple:
     """Index of axial slice k in a stored planning array (..., Z, D, H) or a prediction of it."""
     return (Ellipsis, k, slice(None), slice(None))
-
 
 # ----------------------------------------------------------------------------- converters
 OPENKBP_SPLITS = {"train": "train-pats", "val": "validation-pats", "test": "test-pats"}
@@ -315,7 +292,6 @@ OPENKBP_FILES = ("ct.csv", "dose.csv", "possible_dose_mask.csv", "voxel_dimensio
 HAM_IMAGE_DIRS = "HAM10000_images_part1/ and _part2/ (Kaggle: ham10000_images_part_1/ and _part_2/)"
 HAM_MASK_DIR = "HAM10000_segmentations_lesion_tschandl"
 HAM_METADATA = "HAM10000_metadata.csv"
-
 
 def _sizes(text, n, example) -> tuple:
     """"128", "128,128,96", "256x192" or a sequence -> n positive multiples of 32 (one value is repeated)."""
@@ -329,13 +305,11 @@ def _sizes(text, n, example) -> tuple:
                         f"e.g. {example}; pad or crop the volumes before converting")
     return tuple(dims)
 
-
 def _require(raw_dir, found: dict, what: str):
     """A DataError naming the entries of {name: present} that `raw_dir` lacks and what RAW_DIR should hold."""
     gone = [name for name, ok in found.items() if not ok]
     if gone:
         raise DataError(f"{raw_dir} lacks {', '.join(gone)}: point RAW_DIR at {what}")
-
 
 def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> dict:
     """One OpenKBP-layout patient folder (volumes of `shape` = (D, H, W), W = z) as one stored case (z first)."""
@@ -355,7 +329,6 @@ def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> di
     return {"image": axial_first(raw_ct - 1024), "dose": axial_first(read_sparse_csv(folder / "dose.csv", shape)),
             "structures": axial_first(np.stack(masks)), "id": folder.name, "voxel_dimensions": voxel[[2, 0, 1]],
             "possible_dose_mask": axial_first(read_sparse_csv(folder / "possible_dose_mask.csv", shape, False))}
-
 
 def _openkbp_raw(raw_dir: Path, rois, shape):
     """Checked OpenKBP-layout folder -> ({split: [patient folder]}, folder -> case, a note on ROI files left out)."""
@@ -377,7 +350,6 @@ def _openkbp_raw(raw_dir: Path, rois, shape):
         raise DataError(f"{raw_dir}: no patient folders under {', '.join(OPENKBP_SPLITS.values())}")
     note = extra and f"note: ignored ROI files {', '.join(sorted(extra))} (add them to --rois to keep them)"
     return patients, lambda p: read_openkbp_patient(p, shape, rois), note
-
 
 def _ham_raw(raw_dir: Path, size, seed):
     """Checked HAM10000 release -> ({split: [metadata row]} 70/10/20 by lesion_id, row -> case resized to `size`)."""
@@ -408,7 +380,6 @@ def _ham_raw(raw_dir: Path, size, seed):
                 "lesion_id": r["lesion_id"], "diagnosis": HAM_CLASSES.index(r["dx"]), "original_size": original}
 
     return _seeded_split(sorted(rows, key=lambda r: r["image_id"]), lambda r: r["lesion_id"], seed), case, None
-
 
 def _stoic_raw(raw_dir: Path, shape, seed):
     """Checked STOIC 2021 folder -> ({split: [patient]} 70/10/20, patient -> case with the scan resized to `shape`)."""
@@ -443,7 +414,6 @@ def _stoic_raw(raw_dir: Path, shape, seed):
 
     return _seeded_split(sorted(scans), str, seed), case, None
 
-
 def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0, overwrite=False, log=None) -> Path:
     """Convert the raw public release of dataset `name` in `raw_dir` to `out` (default data/NAME.h5).
     openkbp/prostate take `shape` (D,H,W of the flat indices) and `rois`; ham10000 (WIDTHxHEIGHT) and stoic
@@ -472,18 +442,15 @@ def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0
         print(note, file=log)
     return out
 
-
 # ----------------------------------------------------------------------------- synthetic stand-ins
 def _grid(size, dims=3):
     """Voxel-centre coordinates in [-1, 1] per axis, as broadcastable open grids."""
     c = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
     return np.ix_(*[c] * dims)
 
-
 def _ellipsoid(grid, centre, radii):
     """Mask of an axis-aligned ellipsoid (a radius of inf makes a cylinder)."""
     return sum(((x - c) / r) ** 2 for x, c, r in zip(grid, centre, radii)) <= 1
-
 
 # Synthetic anatomy on the raw axes (D, H, W), W = z, in [-1, 1]: ROI -> (centre, radii, HU, spared by the plan);
 # an inf radius makes a cylinder along z. The PTVs are drawn per case (`_synth_plan_case`).
@@ -511,7 +478,6 @@ _OPACITIES = {(0, 0): ((0, 2), (0.08, 0.1), (30, 50)), (1, 0): ((3, 7), (0.12, 0
               (1, 1): ((6, 12), (0.2, 0.3), (-450, -200))}
 _STOIC_DEAL = ((0, 0), (0, 0), (1, 0), (1, 0), (1, 1))
 
-
 def _synth_plan_case(rng, name, size):
     """One planning CT built on (D, H, W) like the raw CSVs, returned z first: organs are ellipsoids of distinct HU,
     the PTVs nested enhancing spheres; dose = prescription in each PTV, falling off outside, lower in spared OARs."""
@@ -538,7 +504,6 @@ def _synth_plan_case(rng, name, size):
     return {"image": axial_first(np.rint(hu)), "dose": axial_first(dose * body), "structures": axial_first(structures),
             "possible_dose_mask": axial_first(body), "voxel_dimensions": voxel[[2, 0, 1]]}
 
-
 def _synth_stoic_case(rng, size, covid, severe):
     """One chest CT (z, y, x): a body cylinder, two lungs and the opacities of its class."""
     g = _grid(size)
@@ -554,7 +519,6 @@ def _synth_stoic_case(rng, size, covid, severe):
     hu[body] += rng.normal(0, 20, int(body.sum()))
     return {"image": np.rint(hu), "covid": covid, "severe": severe, "original_shape": (size,) * 3,
             "voxel_dimensions": np.full(3, 320.0 / size), "original_voxel_dimensions": np.full(3, 320.0 / size)}
-
 
 def synth(name, out=None, n=None, size=None, seed=0, overwrite=False) -> Path:
     """A synthetic stand-in of `name` with the real layout (synthetic=True): n cases (default 30 / 300 / 80) of
@@ -589,7 +553,6 @@ def synth(name, out=None, n=None, size=None, seed=0, overwrite=False) -> Path:
     spatial = (size,) * (2 if name == "ham10000" else 3)
     return _write(out, name, items, make, spatial, spec.rois, f"synthetic seed={seed}", True)
 
-
 # ----------------------------------------------------------------------------- reading
 def _open_h5(path) -> h5py.File:
     """The HDF5 file at `path` open for reading, or a DataError saying how to make it."""
@@ -601,7 +564,6 @@ def _open_h5(path) -> h5py.File:
     except OSError as e:
         raise DataError(f"{path} is not a readable HDF5 file ({_first_line(e)}): rebuild it with data.py synth "
                         "or convert") from None
-
 
 def check_layout(f: h5py.File, path) -> dict:
     """Check an open file's structure against `schema` (no data read): its name, tasks, rois, spatial, counts..."""
@@ -640,7 +602,6 @@ def check_layout(f: h5py.File, path) -> dict:
     return {"name": name, "tasks": tasks, "rois": rois, "spatial": tuple(spatial), "counts": counts,
             "synthetic": bool(f.attrs["synthetic"]), "digest": str(f.attrs["digest"])}
 
-
 def _read(path, g: h5py.Group, key, case, at=None):
     """g[key][at] (default: row `case`), or a DataError naming file, dataset and case: a damaged chunk, NaN, inf."""
     ds = g[key]
@@ -654,7 +615,6 @@ def _read(path, g: h5py.Group, key, case, at=None):
         raise DataError(f"{path}: NaN or inf in {g.name[1:]}/{key} of case {case}: fix the source data, convert again")
     return value
 
-
 def _shift(t: torch.Tensor, offsets, fill: float) -> torch.Tensor:
     """Translate the spatial axes of a (C, *spatial) tensor by integer offsets, filling the gap."""
     out = torch.full_like(t, fill)
@@ -662,7 +622,6 @@ def _shift(t: torch.Tensor, offsets, fill: float) -> torch.Tensor:
     dst = [slice(None)] + [slice(max(0, o), n - max(0, -o)) for o, n in zip(offsets, t.shape[1:])]
     out[tuple(dst)] = t[tuple(src)]
     return out
-
 
 class H5Dataset(torch.utils.data.Dataset):
     """One split of a data.py file as a Dataset of dicts: axial slices (dims=2 on planning volumes) or whole cases.
@@ -738,9 +697,7 @@ class H5Dataset(torch.utils.data.Dataset):
         values = {key: self._get(key, i) for key in self._keys}
         return {key: int(v) if isinstance(v, np.integer) else v for key, v in values.items()}
 
-
 open_dataset = H5Dataset  # open_dataset(path, split, dims=2, augment=False): one split as a torch Dataset of dicts
-
 
 # ----------------------------------------------------------------------------- info
 def describe(path, full=True) -> str:
@@ -781,7 +738,6 @@ def describe(path, full=True) -> str:
         raise DataError(f"{path}: its content does not match its digest (changed since written): "
                         + _make_hint(name, "rebuild", out=path))
     return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
@@ -826,7 +782,6 @@ def main(argv=None) -> int:
     except (DataError, OSError) as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

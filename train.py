@@ -67,10 +67,8 @@ LOWER_IS_BETTER = {"dose_score", "dvh_score", "guidance_mse"}
 RUN_FILES = ("results.json", "results_eval.json", "metrics.jsonl", "last.pt", "best.pt")
 OPENKBP_ROIS = data.OPENKBP_ROIS  # the official ROI order: 7 OARs, then PTV56, PTV63, PTV70
 
-
 class UserError(Exception):
     """A problem the user can fix (bad option, missing file, diverged run): one line, exit code 2."""
-
 
 def resolve_config(args):
     """The run's config from DEFAULTS and the options given (the parser's defaults are all None)."""
@@ -98,11 +96,9 @@ def resolve_config(args):
     cfg["out"] = str(cfg.get("out") or Path("runs") / run_name(cfg, cfg["arch"]))
     return cfg
 
-
 def run_name(cfg, arch):
     """Default run folder: data file name, 3d for volumes, arch (runs on different data stay apart)."""
     return f"{Path(cfg['data']).stem}{'-3d' if cfg['dims'] == 3 else ''}-{arch}"
-
 
 # === Metrics (numpy) ===
 def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
@@ -126,7 +122,6 @@ def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS)
             out[("mean", roi)] = roi_dose.mean()
     return out
 
-
 def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
     """(sum|ref - pred| / |possible-dose mask|, [|ref - pred| per DVH metric]) of one patient; the
     reference's masks serve both doses."""
@@ -136,7 +131,6 @@ def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimens
     dose_error = float(np.abs(ref - pred).sum() / np.sum(possible_dose_mask))
     return dose_error, [abs(ref_dvh[k] - pred_dvh[k]) for k in ref_dvh]
 
-
 def openkbp_aggregate(patients):
     """(dose score, DVH score): nanmean of the patients' dose errors, and of the whole patients x
     (metric, ROI) table of DVH errors (absent ROIs left out), as the official code does."""
@@ -144,13 +138,11 @@ def openkbp_aggregate(patients):
     dvh = [e for p in patients for e in p[1]]
     return (float(np.mean(dose)) if dose else float("nan")), (float(np.mean(dvh)) if dvh else float("nan"))
 
-
 def openkbp_scores(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
     """OpenKBP challenge dose and DVH scores (Babier et al. 2021) over lists of patients, on the doses
     as given (the official pipeline, like `evaluate`, first multiplies the prediction by the mask)."""
     return openkbp_aggregate([openkbp_patient(*p, roi_names=roi_names)
                               for p in zip(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions)])
-
 
 def dice(pred, ref, empty=1.0):
     """Dice coefficient 2|P&R| / (|P| + |R|) of two binary masks; `empty` when both are empty."""
@@ -158,11 +150,9 @@ def dice(pred, ref, empty=1.0):
     total = pred.sum() + ref.sum()
     return float(empty) if total == 0 else float(2 * np.logical_and(pred, ref).sum() / total)
 
-
 def roi_dice(pred_masks, ref_masks):
     """Per-ROI Dice of one patient; an ROI empty in the reference (not contoured) is NaN, not scored."""
     return np.array([dice(p, r) if np.any(r) else np.nan for p, r in zip(pred_masks, ref_masks)])
-
 
 def isic_jaccard(preds, refs, threshold=0.65):
     """ISIC 2018 Task 1 thresholded Jaccard: per-image IoU (1 when both are empty), 0 below 0.65, averaged."""
@@ -174,12 +164,10 @@ def isic_jaccard(preds, refs, threshold=0.65):
         scores.append(iou if iou >= threshold else 0.0)
     return float(np.mean(scores))
 
-
 def balanced_accuracy(y_true, y_pred):
     """ISIC 2018 Task 3: mean per-class recall over the classes in y_true (sklearn's balanced_accuracy_score)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
-
 
 def roc_auc(y_true, score, name="AUC"):
     """Area under the ROC curve: P(a random positive scores above a random negative), ties 1/2
@@ -195,14 +183,12 @@ def roc_auc(y_true, score, name="AUC"):
     below, not_above = np.searchsorted(neg, score[y], "left"), np.searchsorted(neg, score[y], "right")
     return float((below + not_above).sum() / 2 / (y.sum() * len(neg)))
 
-
 def roc_auc_macro(y_true, prob, name="AUC"):
     """Macro one-vs-rest AUC over the classes present in y_true (ISIC 2018 Task 3 reports per-class AUC)."""
     y_true, prob = np.asarray(y_true), np.asarray(prob, dtype=np.float64)
     if not np.isfinite(prob).all():
         raise ValueError(f"{name}: {np.sum(~np.isfinite(prob))} scores are NaN or inf")
     return float(np.mean([roc_auc(y_true == k, prob[:, k], name) for k in np.unique(y_true)]))
-
 
 def delta_mtl(metrics, stl_metrics, tasks):
     """Relative multi-task performance in percent (Maninis et al. 2019; Vandenhende et al. 2021;
@@ -218,7 +204,6 @@ def delta_mtl(metrics, stl_metrics, tasks):
             per_task[task] = 100.0 * float(np.mean(terms))
     return (float(np.mean(list(per_task.values()))) if per_task else float("nan")), per_task
 
-
 def better(a, b, key):
     """Does value a (this epoch) beat the best so far, b? Anything beats None, a number beats NaN,
     and a tie goes to the later epoch (small validation sets saturate)."""
@@ -226,13 +211,11 @@ def better(a, b, key):
         return b is None or bool(np.isfinite(a))
     return bool(np.isfinite(a)) and (b - a if key in LOWER_IS_BETTER else a - b) >= 0
 
-
 # === Losses and task weighting ===
 def dose_l1(pred, target_gy, mask):
     """L1 between predicted and reference dose (units of DOSE_SCALE_GY) inside the possible-dose mask."""
     err = (pred - target_gy / DOSE_SCALE_GY).abs() * mask
     return err.sum() / mask.sum().clamp_min(1.0)
-
 
 def bce_dice(logits, target, smooth=1.0):
     """Binary cross-entropy + soft Dice (per channel over the batch; smoothed so empty vs empty = 1)."""
@@ -242,7 +225,6 @@ def bce_dice(logits, target, smooth=1.0):
     soft_dice = (2 * (prob * target).sum(1) + smooth) / (prob.sum(1) + target.sum(1) + smooth)
     return bce + (1 - soft_dice.mean())
 
-
 LOSSES = {  # (prediction, batch, task, class weights) -> scalar loss
     "dose_l1": lambda pred, batch, task, w: dose_l1(pred, batch[task], batch["possible_dose_mask"]),
     "bce_dice": lambda pred, batch, task, w: bce_dice(pred, batch[task]),
@@ -250,11 +232,9 @@ LOSSES = {  # (prediction, batch, task, class weights) -> scalar loss
     "value": lambda pred, batch, task, w: pred.mean(),  # the model returns its loss per case
 }
 
-
 def task_losses(outputs, batch, tasks, class_weights=None):
     """{task: scalar loss} of a batch; each task's loss is named in TASKS."""
     return {t: LOSSES[TASKS[t][0]](outputs[t].float(), batch, t, class_weights) for t in tasks}
-
 
 class Weighting(nn.Module):
     """Combines the task losses into one.
@@ -295,7 +275,6 @@ class Weighting(nn.Module):
     def set_extra_state(self, state):
         self.history = [list(h) for h in state["history"]]
 
-
 # === Data and model ===
 def open_splits(cfg, log=print):
     """{split: Dataset} of the config's HDF5 file (augmented training split with --augment); sets
@@ -313,7 +292,6 @@ def open_splits(cfg, log=print):
             "!! its metrics say nothing about the paper's results or about real patients.\n" + "!" * 78)
     return splits
 
-
 def build_model(cfg, tasks, in_channels):
     """The network of cfg['arch'] (ctan.build_model), seeded: the same config starts the same."""
     torch.manual_seed(cfg["seed"])
@@ -324,16 +302,13 @@ def build_model(cfg, tasks, in_channels):
     except ValueError as e:  # an impossible combination of options (e.g. depth 1 with mtan)
         raise UserError(f"cannot build {cfg['arch']}: {e}") from None
 
-
 def distributed():
     """(rank, world size, local rank) of this process: torchrun sets them; (0, 1, 0) otherwise."""
     return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
-
 def memory_format(cfg):
     channels_last = torch.channels_last if cfg["dims"] == 2 else torch.channels_last_3d
     return channels_last if cfg["channels_last"] else torch.contiguous_format
-
 
 def make_run(cfg, model, splits, steps_per_epoch=None):
     """What a training run holds: the model on its device (`run.model`, whose state_dict checkpoints
@@ -365,7 +340,6 @@ def make_run(cfg, model, splits, steps_per_epoch=None):
         init_output_bias(model, splits["train"], tasks, n_items=64 if cfg["dims"] == 2 else 8)
     return run
 
-
 def class_weights_from(ds, tasks, device):
     """Inverse-frequency class weights (mean 1 over the classes present) of each classification task."""
     out = {}
@@ -374,7 +348,6 @@ def class_weights_from(ds, tasks, device):
         w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
         out[t] = torch.tensor(w / w[w > 0].mean(), dtype=torch.float32, device=device)
     return out
-
 
 @torch.no_grad()
 def init_output_bias(model, ds, tasks, n_items=64):
@@ -393,7 +366,6 @@ def init_output_bias(model, ds, tasks, n_items=64):
             value = torch.logit(target.mean(1).clamp(1e-4, 0.5))
         model.heads[t].out.bias.copy_(value)
 
-
 # === Training: one step, one epoch, `fit` ===
 def to_device(batch, run, keys=None):
     """The tensors of a batch (or those of `keys`) on the device, non-blocking from pinned memory;
@@ -404,19 +376,16 @@ def to_device(batch, run, keys=None):
         out["image"] = torch.cat([out["image"], out["structures"]], 1)
     return out | {"image": out["image"].contiguous(memory_format=memory_format(run.cfg))}
 
-
 def forward(run, batch, net=None):
     """The network on a batch's image, under bf16 autocast when cfg['precision'] is bf16."""
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg["precision"] == "bf16"):
         return (net or run.model)(batch["image"])
-
 
 def all_reduce_mean(tensor, run):
     """Mean over the processes of a tensor on the model's device (NCCL serves CUDA tensors only)."""
     assert tensor.device == run.device, (tensor.device, run.device)
     torch.distributed.all_reduce(tensor)
     return tensor / run.world
-
 
 def train_step(run, batch):
     """One optimisation step on a batch on the device. Returns ({task: loss}, total), not synchronised."""
@@ -430,7 +399,6 @@ def train_step(run, batch):
     run.scheduler.step()
     return losses, total
 
-
 def train_loader(run):
     """One loader for the whole run (workers persist between epochs). The sampler's order depends on
     (seed, epoch) alone, so a resumed run sees the same batches; under torchrun each process takes a
@@ -439,7 +407,6 @@ def train_loader(run):
     return torch.utils.data.DataLoader(run.train_ds, batch_size=run.cfg["batch_size"], sampler=sampler,
                                        drop_last=len(sampler) > run.cfg["batch_size"], num_workers=run.cfg["workers"],
                                        pin_memory=run.device.type == "cuda", persistent_workers=run.cfg["workers"] > 0)
-
 
 def train_one_epoch(run, loader, epoch, log):
     """At most steps_per_epoch steps. The losses are summed on the device (no synchronisation per
@@ -466,7 +433,6 @@ def train_one_epoch(run, loader, epoch, log):
     elapsed = time.time() - t0
     return {"losses": dict(zip(tasks, means)), "loss": means[-1], "time_s": elapsed,
             "samples_per_s": steps * run.cfg["batch_size"] * run.world / max(elapsed, 1e-9)}
-
 
 def fit(run, log=print):
     """Train for cfg['epochs'] epochs (from last.pt with --resume), validating after each: writes
@@ -517,7 +483,6 @@ def fit(run, log=print):
             break
     return best
 
-
 # === Evaluation ===
 @torch.no_grad()
 def predict(run, ds):
@@ -543,7 +508,6 @@ def predict(run, ds):
             if p["seen"] == n_slices:
                 yield base.case(c), {t: v for t, v in pending.pop(c).items() if t != "seen"}
 
-
 def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
     """(metrics, notes) of a split: the metrics of TASKS (and Dice per ROI), one note per warning
     (e.g. an AUC that is NaN because the split holds one class), PNG previews of the first cases.
@@ -556,7 +520,6 @@ def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
         evaluator = EVALUATORS["guidance" if "guidance" in run.cfg["tasks"] else run.cfg["dataset"]]
         metrics = evaluator(run.cfg, predict(run, ds), previews)
     return {k: float(v) for k, v in metrics.items()}, sorted({str(w.message) for w in caught})
-
 
 def _evaluate_rt(cfg, cases, previews):
     """Dose and structures scored per patient on whole volumes. The dose is multiplied by the
@@ -579,7 +542,6 @@ def _evaluate_rt(cfg, cases, previews):
         metrics.update({f"dice_{r}": v for r, v in zip(cfg["roi_names"], per_roi)})
     return metrics
 
-
 def _evaluate_ham(cfg, cases, previews):
     """Lesion masks at the stored resolution; diagnosis by argmax (balanced accuracy) and softmax (AUC)."""
     masks, refs, y, prob = [], [], [], []
@@ -596,7 +558,6 @@ def _evaluate_ham(cfg, cases, previews):
     return {"dice": np.mean([dice(p, r) for p, r in zip(masks, refs)]), "isic_jaccard": isic_jaccard(masks, refs),
             "balanced_accuracy": balanced_accuracy(y, np.argmax(prob, 1)), "auc": roc_auc_macro(y, prob, "auc")}
 
-
 def _evaluate_stoic(cfg, cases, previews):
     """STOIC 2021: AUC of severe among the COVID-positive cases (the challenge metric), AUC of COVID."""
     y, p = {"covid": [], "severe": []}, {"covid": [], "severe": []}
@@ -611,10 +572,8 @@ def _evaluate_stoic(cfg, cases, previews):
     return {"auc_severe": roc_auc(severe[covid], np.array(p["severe"])[covid], "auc_severe (among COVID-positive)"),
             "auc_covid": roc_auc(covid, p["covid"], "auc_covid")}
 
-
 EVALUATORS = {"openkbp": _evaluate_rt, "prostate": _evaluate_rt, "ham10000": _evaluate_ham, "stoic": _evaluate_stoic,
               "guidance": lambda cfg, cases, previews: {"guidance_mse": np.mean([p["guidance"] for _, p in cases])}}
-
 
 # === Outputs: previews (pillow + numpy), atomic files, checkpoints, results ===
 _CMAP = np.array([[48, 18, 59], [70, 131, 249], [27, 208, 213], [97, 252, 108],
@@ -622,12 +581,10 @@ _CMAP = np.array([[48, 18, 59], [70, 131, 249], [27, 208, 213], [97, 252, 108],
 _ROI_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                          [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]])
 
-
 def colour_map(x):
     """Values in [0, 1] -> RGB uint8, interpolated between the _CMAP anchors."""
     anchors = np.linspace(0, 1, len(_CMAP))
     return np.stack([np.interp(np.nan_to_num(x), anchors, _CMAP[:, c]) for c in range(3)], -1).astype(np.uint8)
-
 
 def grey(image):
     """A 2D image in any units to grey RGB uint8, scaled between its 0.5 and 99.5 percentiles."""
@@ -635,14 +592,12 @@ def grey(image):
     lo, hi = np.percentile(image, [0.5, 99.5])
     return (np.repeat(((image - lo) / max(hi - lo, 1e-6)).clip(0, 1)[..., None], 3, -1) * 255).astype(np.uint8)
 
-
 def overlay(rgb, masks, alpha=0.45):
     """Binary masks (R, H, W) as coloured overlays on an RGB uint8 image."""
     out = rgb.astype(np.float64)
     for r, m in enumerate(masks):
         out[m] = (1 - alpha) * out[m] + alpha * _ROI_COLOURS[r % len(_ROI_COLOURS)]
     return out.astype(np.uint8)
-
 
 def save_panels(path, panels, labels):
     """Side-by-side RGB panels, each with its caption above, as one PNG."""
@@ -658,7 +613,6 @@ def save_panels(path, panels, labels):
         x += (p.shape[1] + 2) * scale
     atomic_write(canvas, path)
 
-
 def save_rt_preview(path, raw, pred_dose, pred_structures):
     """The axial slice with the most reference dose: CT | dose | predicted dose | Gy scale | ROIs | predicted ROIs."""
     z = data.axial_slice(int(np.argmax(raw["dose"].sum((-2, -1)))))
@@ -667,7 +621,6 @@ def save_rt_preview(path, raw, pred_dose, pred_structures):
     panels = [ct, colour_map(raw["dose"][z] / vmax), colour_map(pred_dose[z] / vmax), bar,
               overlay(ct, raw["structures"][z]), overlay(ct, pred_structures[z])]
     save_panels(path, panels, ["CT", "dose", "pred", f"0-{vmax:.0f} Gy", "ROIs", "pred"])
-
 
 def atomic_write(obj, path):
     """Write a checkpoint (dict), JSON (list or str) or PNG (PIL image) to a temporary file, then
@@ -686,7 +639,6 @@ def atomic_write(obj, path):
     finally:
         tmp.unlink(missing_ok=True)
 
-
 def load_checkpoint(path):
     """A train.py checkpoint (tensors and plain values only: weights_only loading); one line if it
     is missing, truncated or not ours."""
@@ -701,7 +653,6 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a train.py checkpoint (it lacks model, config or epoch)")
     return ck
 
-
 def test(run, ckpt_path, log=print):
     """(metrics, epoch, notes) on the test split with the weights of ckpt_path (best.pt: picked on validation)."""
     ck = load_checkpoint(ckpt_path)
@@ -712,7 +663,6 @@ def test(run, ckpt_path, log=print):
     for note in notes:
         log(f"WARNING: test {note}")
     return metrics, ck["epoch"], notes
-
 
 def matching_stl(cfg, results):
     """(the STL run's results, None) if it was made on the same data content, dims and split as this
@@ -729,7 +679,6 @@ def matching_stl(cfg, results):
         if stl.get(key) != results[key]:
             return None, f"{path} has {key}={stl.get(key)!r}, this run {results[key]!r}: not comparable"
     return stl, None
-
 
 def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
     """results.json: test metrics, where they come from (data digest, dims, split), the config,
@@ -751,7 +700,6 @@ def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
     log(f"results: {Path(cfg['out']) / name}")
     return results
 
-
 # === Deep multimodal guidance (Mallya & Hamarneh, MICCAI 2022) for dose: --arch guidance ===
 # Superior input = CT + the R expert ROI masks, inferior input = CT alone (ours: the paper guides
 # classifiers). Each stage is a run of its own in OUT/<stage>/, trained by `fit` like any arch;
@@ -759,7 +707,6 @@ def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
 GUIDANCE = {"a_inferior": "CT", "a_superior": "CT + ROI masks", "b_guidance": "G: CT features -> CT + masks",
             "c_guided": "CT: superior decoder on G(f)", "d_combined": "CT: new decoder on [f ; G(f)]"}
 DOSE_TASK = {"dose": ("pixel", 1)}
-
 
 class Frozen(nn.Module):
     """The children named in `frozen` get no gradients and stay in eval mode (BN statistics, dropout)."""
@@ -770,7 +717,6 @@ class Frozen(nn.Module):
         for name in self.frozen:
             getattr(self, name).eval().requires_grad_(False)
         return self
-
 
 class GuidanceStage(Frozen):
     """Stage (b): the output is G's MSE to the superior features, per case, averaged over the encoder scales."""
@@ -789,7 +735,6 @@ class GuidanceStage(Frozen):
         return {"guidance": sum((g.float() - t.float()).square().flatten(1).mean(1) for g, t in zip(guided, f_sup))
                 / len(f_sup)}  # (B,): one MSE per case
 
-
 class CombinedGuidedModel(Frozen, ctan.GuidedModel):
     """Stage (d): ctan.GuidedModel(combine=True) with a new dose head on [f ; G(f)]; only it trains."""
     frozen = ("inferior", "guidance")
@@ -798,7 +743,6 @@ class CombinedGuidedModel(Frozen, ctan.GuidedModel):
         channels = [2 * c for c in inferior.encoders["dose"].channels]
         super().__init__(inferior, guidance, nn.ModuleDict({"dose": ctan.make_head(dims, "pixel", channels, 1)}), True)
         self.train()
-
 
 def stage_model(cfg, entry, n_rois):
     """The model of a guidance stage, built on the earlier stages' best.pt (loaded and frozen)."""
@@ -813,7 +757,6 @@ def stage_model(cfg, entry, n_rois):
         return ctan.GuidedModel(inferior, guidance, load_stage(cfg, "a_superior", n_rois).heads).eval()
     return CombinedGuidedModel(inferior, guidance, cfg["dims"])
 
-
 def load_stage(cfg, entry, n_rois):
     """The frozen model of an earlier stage from OUT/entry/best.pt; one line naming the command that makes it."""
     path = Path(cfg["guidance_out"]) / entry / "best.pt"
@@ -827,7 +770,6 @@ def load_stage(cfg, entry, n_rois):
         raise UserError(f"{path} was made with other options ({str(e).splitlines()[0]}): use its "
                         "--width/--depth/--dims, or another --out") from None
     return model.eval().requires_grad_(False)
-
 
 def run_guidance(cfg, log=print):
     """The stages of --arch guidance in order (or --stage X alone; with --resume the unfinished ones),
@@ -867,10 +809,8 @@ def run_guidance(cfg, log=print):
     log(f"results: {Path(cfg['out']) / 'results.json'}")
     return summary
 
-
 # === Benchmark (--bench): training steps at the dataset's real input size, several archs interleaved ===
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense bf16, datasheets
-
 
 def memory_estimate_gib(cfg, shape):
     """fp32 GiB of what autograd saves for the backward pass, plus weights, gradients and AdamW
@@ -887,7 +827,6 @@ def memory_estimate_gib(cfg, shape):
         model(x)
     return round(saved[0] / 2**30, 2)
 
-
 def timed_step(run, next_batch):
     """(seconds spent getting the batch, seconds of the whole step), the device synchronised."""
     t0 = time.perf_counter()
@@ -896,7 +835,6 @@ def timed_step(run, next_batch):
     train_step(run, batch)
     torch.cuda.synchronize() if run.device.type == "cuda" else None
     return t1 - t0, time.perf_counter() - t0
-
 
 def bench(cfg, log=print):
     """Times --steps training steps (after a warm-up) of every arch of --arch a,b,... interleaved in one
@@ -960,12 +898,10 @@ def bench(cfg, log=print):
         print(json.dumps(line), flush=True)
     return {"results": results, "ratios": ratios}
 
-
 # === Command line ===
 RUNTIME_KEYS = ("device", "workers", "precision", "channels_last", "compile", "log_every", "stop_after", "out",
                 "resume", "overwrite", "stl", "eval_only")  # not taken from last.pt on --resume
 MODEL_KEYS = ("dataset", "arch", "dims", "width", "depth", "transition")  # taken from the checkpoint by --eval-only
-
 
 def check_out(cfg, log):
     """Nothing silently replaced: a folder that holds a run (or the stage of --stage) is continued with
@@ -983,7 +919,6 @@ def check_out(cfg, log):
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     log(f"--overwrite: removed {len(held)} files of the earlier run in {out}") if held else None
 
-
 def checkpoint_config(cfg, args):
     """--resume: the run's settings come from its last.pt (a guidance run's: its first stage's);
     --eval-only: the model's settings come from the checkpoint. A given option that differs is an error."""
@@ -996,7 +931,6 @@ def checkpoint_config(cfg, args):
             raise UserError(f"{path} was made with {key}={ck_cfg[key]!r}, not {getattr(args, key)!r}: leave that "
                             "option out, or start a new run")
     return {**cfg, **{k: ck_cfg[k] for k in keys}}
-
 
 def experiment(cfg, model, splits, log=print):
     """Train a model with `fit`, test best.pt and write results.json: every arch and guidance stage."""
@@ -1011,7 +945,6 @@ def experiment(cfg, model, splits, log=print):
         return {"stopped_after": cfg["stop_after"], "best_val": best, "config": cfg}
     metrics, epoch, notes = test(run, Path(cfg["out"]) / "best.pt", log)
     return report(run, metrics, best, epoch, notes, log)
-
 
 def run_training(args, log=print):
     """Resolve the config, then train and test, evaluate a checkpoint (--eval-only), run the guidance
@@ -1050,12 +983,10 @@ def run_training(args, log=print):
         if world > 1:
             torch.distributed.destroy_process_group()
 
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit code 2, no usage dump
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
-
 
 def checked(cast, ok, what):
     """An argparse type: `cast`, then `ok(value)` or a one-line error saying what is expected."""
@@ -1069,9 +1000,7 @@ def checked(cast, ok, what):
         return value
     return parse
 
-
 POSITIVE = checked(int, lambda v: v > 0, "a positive integer")
-
 
 def parse_args(argv=None):
     archs = ctan.ARCHS + ("guidance",)
@@ -1128,7 +1057,6 @@ def parse_args(argv=None):
         p.error("--resume continues a run: it does not go with --overwrite or --eval-only")
     return args
 
-
 def main(argv=None):
     """Command line entry point; returns the results dict. User errors: one stderr line, exit code 2;
     Ctrl-C: one line, exit code 130."""
@@ -1138,7 +1066,6 @@ def main(argv=None):
     except (UserError, data.DataError) as e:
         print(f"error: {e}" if not isinstance(e.__cause__, KeyboardInterrupt) else e, file=sys.stderr)
         raise SystemExit(130 if isinstance(e.__cause__, KeyboardInterrupt) else 2)
-
 
 if __name__ == "__main__":
     main()
