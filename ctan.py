@@ -467,15 +467,54 @@ class GuidanceNetwork(nn.Module):
         return [g(f) for g, f in zip(self.maps, feats)]
 
 
-class GuidedModel(nn.Module):
-    """The guided dose model, stage (c) or (d) of the guidance method: the frozen inferior encoder reads the CT
-    alone and G predicts the superior model's features from it. ``combine=False`` (c): the superior model's
-    heads decode G(f); ``combine=True`` (d): new heads decode [f ; G(f)]."""
+class Frozen(nn.Module):
+    """Base of the guided models (ours): the children named in ``frozen`` get no gradients and stay in eval mode
+    (BN statistics, dropout) even while the model trains, so the stages they come from stay as trained."""
 
-    def __init__(self, inferior, guidance, heads, combine=False):
+    frozen = ()
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval().requires_grad_(False)
+        return self
+
+
+class GuidanceObjective(Frozen):
+    """Stage (b) of the guidance method: G's mean squared error to the frozen superior model's features, one value
+    per case, averaged over the encoder scales. x = [CT ; ROI masks]; the frozen inferior model reads the CT. The
+    inferior and superior models are STL models of the same tasks and encoder sizes (ours)."""
+
+    frozen = ("inferior", "superior")
+
+    def __init__(self, inferior, superior, guidance):
         super().__init__()
-        self.inferior, self.guidance, self.heads, self.combine = inferior, guidance, heads, combine
+        self.inferior, self.superior, self.guidance = inferior, superior, guidance
+        self.train()
+
+    def forward(self, x):  # {"guidance": (B,) MSE}
+        with torch.no_grad():
+            f_inf = self.inferior.features(x[:, :self.inferior.in_channels])
+            f_sup = self.superior.features(x)
+        pairs = [(g, t) for name in f_inf for g, t in zip(self.guidance(f_inf[name]), f_sup[name])]
+        return {"guidance": sum((g.float() - t.float()).square().flatten(1).mean(1) for g, t in pairs) / len(pairs)}
+
+
+class GuidedModel(Frozen):
+    """The guided model, stage (c) or (d) of the guidance method: the frozen inferior model reads the CT alone and
+    the frozen G predicts the superior model's features from it. With the superior model's ``heads`` (c) they decode
+    G(f); without (d) new heads, the only trained part, decode [f ; G(f)]."""
+
+    frozen = ("inferior", "guidance")
+
+    def __init__(self, inferior, guidance, heads=None):
+        super().__init__()
+        self.inferior, self.guidance, self.combine = inferior, guidance, heads is None
         self.in_channels, self.dims, self.tasks = inferior.in_channels, inferior.dims, inferior.tasks
+        channels = {name: [2 * c for c in encoder.channels] for name, encoder in inferior.encoders.items()}
+        self.heads = heads or nn.ModuleDict({name: make_head(self.dims, kind, channels[name], n)
+                                             for name, (kind, n) in self.tasks.items()})
+        self.train()
 
     def forward(self, x):
         self.inferior.check(x)

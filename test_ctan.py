@@ -1647,7 +1647,7 @@ def test_guided_model_shapes(dims):
     assert [t.shape for t in sup] == [t.shape for t in feats]  # G's targets match its outputs
     with torch.no_grad():
         c = ctan.GuidedModel(inferior, g, superior.heads).eval()(x)["dose"]
-        d = train.CombinedGuidedModel(inferior, g, dims).eval()(x)["dose"]
+        d = ctan.GuidedModel(inferior, g).eval()(x)["dose"]
     assert c.shape == d.shape == (2, 1, *[size] * dims)
 
 

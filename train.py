@@ -708,42 +708,6 @@ GUIDANCE = {"a_inferior": "CT", "a_superior": "CT + ROI masks", "b_guidance": "G
             "c_guided": "CT: superior decoder on G(f)", "d_combined": "CT: new decoder on [f ; G(f)]"}
 DOSE_TASK = {"dose": ("pixel", 1)}
 
-class Frozen(nn.Module):
-    """The children named in `frozen` get no gradients and stay in eval mode (BN statistics, dropout)."""
-    frozen = ()
-
-    def train(self, mode=True):
-        super().train(mode)
-        for name in self.frozen:
-            getattr(self, name).eval().requires_grad_(False)
-        return self
-
-class GuidanceStage(Frozen):
-    """Stage (b): the output is G's MSE to the superior features, per case, averaged over the encoder scales."""
-    frozen = ("inferior", "superior")
-
-    def __init__(self, inferior, superior, guidance):
-        super().__init__()
-        self.inferior, self.superior, self.guidance = inferior, superior, guidance
-        self.train()
-
-    def forward(self, x):  # x: (B, 1 + R, *S) = [CT ; ROI masks]
-        with torch.no_grad():
-            f_inf = self.inferior.features(x[:, :1])["dose"]
-            f_sup = self.superior.features(x)["dose"]
-        guided = self.guidance(f_inf)
-        return {"guidance": sum((g.float() - t.float()).square().flatten(1).mean(1) for g, t in zip(guided, f_sup))
-                / len(f_sup)}  # (B,): one MSE per case
-
-class CombinedGuidedModel(Frozen, ctan.GuidedModel):
-    """Stage (d): ctan.GuidedModel(combine=True) with a new dose head on [f ; G(f)]; only it trains."""
-    frozen = ("inferior", "guidance")
-
-    def __init__(self, inferior, guidance, dims):
-        channels = [2 * c for c in inferior.encoders["dose"].channels]
-        super().__init__(inferior, guidance, nn.ModuleDict({"dose": ctan.make_head(dims, "pixel", channels, 1)}), True)
-        self.train()
-
 def stage_model(cfg, entry, n_rois):
     """The model of a guidance stage, built on the earlier stages' best.pt (loaded and frozen)."""
     if entry.startswith("a_"):
@@ -751,11 +715,11 @@ def stage_model(cfg, entry, n_rois):
     inferior = load_stage(cfg, "a_inferior", n_rois)
     if entry == "b_guidance":
         guidance = ctan.GuidanceNetwork(cfg["dims"], inferior.encoders["dose"].channels)
-        return GuidanceStage(inferior, load_stage(cfg, "a_superior", n_rois), guidance)
+        return ctan.GuidanceObjective(inferior, load_stage(cfg, "a_superior", n_rois), guidance)
     guidance = load_stage(cfg, "b_guidance", n_rois).guidance
     if entry == "c_guided":
         return ctan.GuidedModel(inferior, guidance, load_stage(cfg, "a_superior", n_rois).heads).eval()
-    return CombinedGuidedModel(inferior, guidance, cfg["dims"])
+    return ctan.GuidedModel(inferior, guidance)
 
 def load_stage(cfg, entry, n_rois):
     """The frozen model of an earlier stage from OUT/entry/best.pt; one line naming the command that makes it."""
