@@ -1,6 +1,6 @@
 """Cross-Task Attention Network (CTAN; Kim, Purdie, McIntosh, MICCAI 2023 Workshops, arXiv 2309.03837) and baselines.
 
-We lack the paper's full text (PAPER.md): each module says whether a choice is **from the paper** (or the baseline's
+We lack the paper's full text (only its abstract and summaries): each module says whether a choice is **from the paper** (or the baseline's
 paper) or **ours**, and each choice of ours is an argument. Networks map x (B, C, *S), 2D or 3D, to {task: output}:
 (B, n_out, *S) for pixel-level tasks, (B, n_out) for image-level ones. Torch only.
 """
@@ -525,6 +525,48 @@ class GuidedModel(Frozen):
             out[name] = head([torch.cat(p, 1) for p in zip(feats[name], guided)] if self.combine else guided,
                              x.shape[2:])
         return out
+
+
+# Task weighting -------------------------------------------------------------------------------------------------------
+class Weighting(nn.Module):
+    """Task weighting: combines the task losses {task: scalar} into one loss, with the scheme of the paper named.
+    equal: the plain sum (ours: the CTAN paper's weighting is not known to us).
+    dwa: Dynamic Weight Average (MTAN; Liu, Johns, Davison 2019): w_k = T softmax_k(r_k / 2), r_k =
+         L_k(e-1) / L_k(e-2) from the mean training losses of the last two epochs (w = 1 before).
+    uncertainty: Kendall, Gal, Cipolla (2018): sum_k exp(-s_k) L_k / 2 + s_k / 2, s_k learnable.
+    mfe: MFE-UNet's L_seg + 0.25 L_cls: weight 1 for pixel-level tasks, 0.25 for ``image_tasks``.
+    Call ``end_epoch`` with the epoch's mean losses (DWA's history travels in the state_dict)."""
+
+    def __init__(self, method, tasks, temperature=2.0, image_tasks=()):
+        super().__init__()
+        self.method, self.tasks, self.temperature = method, list(tasks), temperature
+        self.image_tasks = set(image_tasks)
+        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if method == "uncertainty" else None
+        self.history = []  # mean training loss per task, one list per finished epoch (DWA)
+
+    def weights(self):
+        """The current weight of each task (uncertainty: exp(-s) / 2)."""
+        if self.method == "uncertainty":
+            return dict(zip(self.tasks, (0.5 * torch.exp(-self.log_vars)).tolist()))
+        if self.method == "dwa" and len(self.history) >= 2:
+            ratio = torch.tensor(self.history[-1]) / torch.tensor(self.history[-2]).clamp_min(1e-12)
+            return dict(zip(self.tasks, (len(self.tasks) * torch.softmax(ratio / self.temperature, 0)).tolist()))
+        return {t: 0.25 if self.method == "mfe" and t in self.image_tasks else 1.0 for t in self.tasks}
+
+    def forward(self, losses):
+        if self.method == "uncertainty":
+            return sum(0.5 * torch.exp(-s) * losses[t] + 0.5 * s for t, s in zip(self.tasks, self.log_vars))
+        w = self.weights()
+        return sum(w[t] * losses[t] for t in self.tasks)
+
+    def end_epoch(self, mean_losses):
+        self.history.append([float(mean_losses[t]) for t in self.tasks])
+
+    def get_extra_state(self):
+        return {"history": self.history}
+
+    def set_extra_state(self, state):
+        self.history = [list(h) for h in state["history"]]
 
 
 # Factory -------------------------------------------------------------------------------------------------------------

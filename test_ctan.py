@@ -1186,7 +1186,7 @@ def test_bce_dice_perfect_vs_wrong():
 
 
 def test_dwa_weights_by_hand():
-    w = train.Weighting("dwa", ["a", "b"])
+    w = ctan.Weighting("dwa", ["a", "b"])
     assert w.weights() == {"a": 1.0, "b": 1.0}  # first two epochs: equal
     w.end_epoch({"a": 1.0, "b": 2.0})
     w.end_epoch({"a": 0.5, "b": 2.0})  # ratios 0.5 and 1.0, temperature 2
@@ -1195,7 +1195,7 @@ def test_dwa_weights_by_hand():
     assert got["a"] == pytest.approx(2 * ea / (ea + eb)) and got["b"] == pytest.approx(2 * eb / (ea + eb))
     total = w({"a": torch.tensor(1.0), "b": torch.tensor(3.0)})
     assert total.item() == pytest.approx(got["a"] + 3 * got["b"], rel=1e-6)
-    restored = train.Weighting("dwa", ["a", "b"])
+    restored = ctan.Weighting("dwa", ["a", "b"])
     restored.load_state_dict(w.state_dict())  # the history travels in the checkpoint
     assert restored.weights() == got
 
@@ -1209,7 +1209,7 @@ def test_best_checkpoint_rule():
 
 
 def test_mfe_weighting_is_seg_plus_quarter_cls_and_the_default_for_mfe():
-    w = train.Weighting("mfe", ["segmentation", "diagnosis"], image_tasks=["diagnosis"])
+    w = ctan.Weighting("mfe", ["segmentation", "diagnosis"], image_tasks=["diagnosis"])
     assert w({"segmentation": torch.tensor(2.0), "diagnosis": torch.tensor(4.0)}).item() == pytest.approx(2 + 0.25 * 4)
     for arch, extra, want in (("mfe", [], "mfe"), ("mfe", ["--weighting", "dwa"], "dwa"), ("ctan", [], "equal")):
         args = train.parse_args(["--dataset", "ham10000", "--arch", arch, "--device", "cpu", *extra])
@@ -1217,7 +1217,7 @@ def test_mfe_weighting_is_seg_plus_quarter_cls_and_the_default_for_mfe():
 
 
 def test_uncertainty_weighting_is_learnable():
-    w = train.Weighting("uncertainty", ["a", "b"])
+    w = ctan.Weighting("uncertainty", ["a", "b"])
     losses = {"a": torch.tensor(2.0), "b": torch.tensor(4.0)}
     assert w(losses).item() == pytest.approx(0.5 * 2 + 0.5 * 4)  # s = 0
     with torch.no_grad():

@@ -211,7 +211,7 @@ def better(a, b, key):
         return b is None or bool(np.isfinite(a))
     return bool(np.isfinite(a)) and (b - a if key in LOWER_IS_BETTER else a - b) >= 0
 
-# === Losses and task weighting ===
+# === Losses (task weighting: ctan.Weighting) ===
 def dose_l1(pred, target_gy, mask):
     """L1 between predicted and reference dose (units of DOSE_SCALE_GY) inside the possible-dose mask."""
     err = (pred - target_gy / DOSE_SCALE_GY).abs() * mask
@@ -235,45 +235,6 @@ LOSSES = {  # (prediction, batch, task, class weights) -> scalar loss
 def task_losses(outputs, batch, tasks, class_weights=None):
     """{task: scalar loss} of a batch; each task's loss is named in TASKS."""
     return {t: LOSSES[TASKS[t][0]](outputs[t].float(), batch, t, class_weights) for t in tasks}
-
-class Weighting(nn.Module):
-    """Combines the task losses into one.
-    equal: the plain sum.
-    dwa: Dynamic Weight Average (MTAN; Liu, Johns, Davison 2019): w_k = T softmax_k(r_k / 2), r_k =
-         L_k(e-1) / L_k(e-2) from the mean training losses of the last two epochs (w = 1 before).
-    uncertainty: Kendall, Gal, Cipolla (2018): sum_k exp(-s_k) L_k / 2 + s_k / 2, s_k learnable.
-    mfe: MFE-UNet's L_seg + 0.25 L_cls: weight 1 for pixel-level tasks, 0.25 for `image_tasks`."""
-
-    def __init__(self, method, tasks, temperature=2.0, image_tasks=()):
-        super().__init__()
-        self.method, self.tasks, self.temperature = method, list(tasks), temperature
-        self.image_tasks = set(image_tasks)
-        self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if method == "uncertainty" else None
-        self.history = []  # mean training loss per task, one list per finished epoch (DWA)
-
-    def weights(self):
-        """The current weight of each task (uncertainty: exp(-s) / 2)."""
-        if self.method == "uncertainty":
-            return dict(zip(self.tasks, (0.5 * torch.exp(-self.log_vars)).tolist()))
-        if self.method == "dwa" and len(self.history) >= 2:
-            ratio = torch.tensor(self.history[-1]) / torch.tensor(self.history[-2]).clamp_min(1e-12)
-            return dict(zip(self.tasks, (len(self.tasks) * torch.softmax(ratio / self.temperature, 0)).tolist()))
-        return {t: 0.25 if self.method == "mfe" and t in self.image_tasks else 1.0 for t in self.tasks}
-
-    def forward(self, losses):
-        if self.method == "uncertainty":
-            return sum(0.5 * torch.exp(-s) * losses[t] + 0.5 * s for t, s in zip(self.tasks, self.log_vars))
-        w = self.weights()
-        return sum(w[t] * losses[t] for t in self.tasks)
-
-    def end_epoch(self, mean_losses):
-        self.history.append([float(mean_losses[t]) for t in self.tasks])
-
-    def get_extra_state(self):
-        return {"history": self.history}
-
-    def set_extra_state(self, state):
-        self.history = [list(h) for h in state["history"]]
 
 # === Data and model ===
 def open_splits(cfg, log=print):
@@ -325,7 +286,8 @@ def make_run(cfg, model, splits, steps_per_epoch=None):
         inductor_config.fallback_random = True  # dropout draws as in eager mode: the same losses
         net = torch.compile(net, dynamic=False)
     tasks = cfg["tasks"]
-    weighting = Weighting(cfg["weighting"], tasks, image_tasks=[t for t in tasks if tasks[t][0] == "image"]).to(device)
+    image_tasks = [t for t in tasks if tasks[t][0] == "image"]
+    weighting = ctan.Weighting(cfg["weighting"], tasks, image_tasks=image_tasks).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(weighting.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
     steps_per_epoch = steps_per_epoch or min(max(1, len(splits["train"]) // (cfg["batch_size"] * world)),
