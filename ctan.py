@@ -138,7 +138,7 @@ class PixelDecoder(nn.Module):
         for block, skip in zip(self.blocks, [*feats[-2::-1], None]):
             x = F.interpolate(x, size=size if skip is None else skip.shape[2:], mode="nearest")
             x = block(x if skip is None else torch.cat([x, skip], 1))
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False):  # meta: no autocast
             return self.out(x.float())
 
 
