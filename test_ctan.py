@@ -1341,7 +1341,8 @@ def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
         stl_file.write_text(json.dumps(atomic))
         res = train.main(_argv(synthetic, tmp_path / f"y{key}", "openkbp", "hps", "--stl", str(stl_file)))
         assert res["delta_mtl"] is None and key in res["delta_mtl_note"] and "not comparable" in res["delta_mtl_note"]
-        assert json.loads((tmp_path / f"y{key}" / "results.json").read_text())["delta_mtl_note"] == res["delta_mtl_note"]
+        saved = json.loads((tmp_path / f"y{key}" / "results.json").read_text())
+        assert saved["delta_mtl_note"] == res["delta_mtl_note"]
     assert "no Delta_MTL" in capsys.readouterr().out
 
 
@@ -1459,7 +1460,8 @@ def test_single_class_auc_is_nan_with_a_warning_in_the_results(synthetic, tmp_pa
 def test_rt_evaluation_of_a_perfect_prediction(synthetic, tmp_path, monkeypatch, dims):
     """Slices put back into volumes (2D) or whole volumes (3D), dose rescaled to Gy: the truth
     scores dose 0, DVH 0, Dice 1 (ROIs absent from a patient are not scored)."""
-    cfg = train.resolve_config(train.parse_args(_argv(synthetic, tmp_path / "p", "openkbp", "hps", "--dims", str(dims))))
+    argv = _argv(synthetic, tmp_path / "p", "openkbp", "hps", "--dims", str(dims))
+    cfg = train.resolve_config(train.parse_args(argv))
     splits = train.open_splits(cfg)
     run = SimpleNamespace(cfg=cfg)
 
@@ -1566,7 +1568,8 @@ GUIDANCE_TINY = ["--device", "cpu", "--workers", "0", "--width", "4", "--depth",
 
 
 def _guidance_argv(path, out, *extra):
-    return ["--dataset", "openkbp", "--arch", "guidance", "--data", str(path), "--out", str(out), *GUIDANCE_TINY, *extra]
+    return ["--dataset", "openkbp", "--arch", "guidance", "--data", str(path), "--out", str(out), *GUIDANCE_TINY,
+            *extra]
 
 
 @pytest.fixture(scope="module")
