@@ -1,8 +1,6 @@
 """Datasets for CTAN: one HDF5 file per dataset, converted from the public releases or synthetic.
-
-`python data.py synth|convert|info ...` writes and checks the files; `open_dataset` reads them. README.md
-("## Data") states the layout in prose; `schema` states it as code for the writer, the reader and `info`.
-"""
+`python data.py synth|convert|info ...` writes and checks the files; `open_dataset` reads them. The layout is
+README.md ("## Data") in prose and `schema` in code, shared by the writer, the reader and `info`."""
 import argparse
 import csv
 import hashlib
@@ -17,7 +15,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from collections import namedtuple
 
 import h5py
 import numpy as np
@@ -26,7 +24,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 SPLITS = ("train", "val", "test")
-SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 OPENKBP_ROIS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
                 "Mandible", "PTV56", "PTV63", "PTV70")
 PROSTATE_ROIS = ("Bladder", "Rectum", "FemoralHead_L", "FemoralHead_R", "PTV")
@@ -34,14 +31,9 @@ HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 HU_MIN, HU_MAX, HU_SCALE = -1000.0, 1500.0, 1000.0          # CT normalisation: clip, then divide
 RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
 
-class Spec(NamedTuple):
-    modality: str      # "ct": 1 channel in HU; "rgb": 3 channels uint8
-    model_dims: tuple  # model dims a reader may ask for: 2 = axial slices / images, 3 = volumes
-    synth_n: int       # default number of synthetic cases
-    synth_size: int    # default synthetic spatial size (cube side / square side)
-    tasks: dict        # task -> (kind, n_out); n_out None = number of ROIs
-    rois: tuple        # default ROI list (structures channels)
-
+# modality "ct" (1 channel, HU) or "rgb" (3, uint8); model_dims a reader may ask for (2: slices or images, 3: volumes);
+# synth_n cases of side synth_size by default; tasks {task: (kind, n_out)}, n_out None: one per ROI of `rois`.
+Spec = namedtuple("Spec", "modality model_dims synth_n synth_size tasks rois")
 _PLAN_TASKS = {"dose": ("pixel", 1), "structures": ("pixel", None)}
 SPECS = {
     "prostate": Spec("ct", (2, 3), 30, 64, _PLAN_TASKS, PROSTATE_ROIS),
@@ -64,7 +56,7 @@ def task_spec(name: str, n_rois: int = 0) -> dict:
     """{task: (kind, n_out)} of a dataset; `structures` gets one channel per ROI."""
     return {t: (kind, n_rois if n is None else n) for t, (kind, n) in SPECS[check_name(name)].tasks.items()}
 
-# ----------------------------------------------------------------------------- the layout, as code
+# ----------------------------------------------------------------------------- the layout, as code; errors
 ATTRS = ("dataset", "tasks", "dims", "synthetic", "source", "digest")  # + roi_names (planning), classes (ham)
 
 def schema(name: str, spatial: tuple, n_rois: int = 0) -> dict:
@@ -80,17 +72,14 @@ def schema(name: str, spatial: tuple, n_rois: int = 0) -> dict:
     return {"image": (s, "int16"), "dose": (s, "float32"), "structures": ((n_rois,) + s, "bool"),
             "possible_dose_mask": (s, "bool"), "voxel_dimensions": ((3,), "float64"), "id": ((), "str")}
 
-class _Digest:
-    """sha256 of dataset, tasks, ROIs, then per split its size and every value as stored, in schema order."""
+def _digest(name, rois):
+    """sha256 of dataset, tasks, ROIs, then (`_feed`) per split its size and every value as stored, in schema order."""
+    return hashlib.sha256(json.dumps([name, task_spec(name, len(rois)), list(rois)]).encode())
 
-    def __init__(self, name, rois):
-        self.h = hashlib.sha256(json.dumps([name, task_spec(name, len(rois)), list(rois)]).encode())
+def _feed(digest, label: str, value, dtype: str = "str"):
+    data = str(value).encode() if dtype == "str" else np.asarray(value, dtype).tobytes()
+    digest.update(f"{label}:{len(data)}:".encode() + data)
 
-    def add(self, label: str, value, dtype: str = "str"):
-        data = str(value).encode() if dtype == "str" else np.asarray(value, dtype).tobytes()
-        self.h.update(f"{label}:{len(data)}:".encode() + data)
-
-# ----------------------------------------------------------------------------- errors
 class DataError(ValueError):
     """Bad input (file, folder, option): a one-line message naming the problem and the fix."""
 
@@ -107,23 +96,20 @@ def _make_hint(name: str, verb: str = "make", out=None) -> str:
             f"or `python data.py convert {name} RAW_DIR{flag}` (real data)")
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 def _output(name, out, overwrite: bool) -> Path:
     """Where to write `name` (default data/NAME.h5), refused if it exists unless `overwrite`."""
     out = Path(out or default_path(name))
     if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it, "
-                        "or choose another --out")
+        raise DataError(f"{out} already exists: add --overwrite (overwrite=True) to replace it or choose another --out")
     return out
 
 # ----------------------------------------------------------------------------- the one writer
 def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=False, log=None) -> Path:
-    """Write case `make(x)` for every x of {split: [x]} into a temporary file renamed to `out` when complete,
-    with the digest and progress lines on `log`. An error or Ctrl-C leaves nothing. Ctrl-C only sets a flag,
-    checked between cases, so it is never raised inside an h5py callback (which would print and go on)."""
-    out, keys, digest = Path(out), schema(name, spatial, len(rois)), _Digest(name, rois)
+    """Write case `make(x)` for every x of {split: [x]} to a temporary file renamed to `out` when complete: an error
+    or Ctrl-C leaves nothing. Ctrl-C sets a flag checked between cases: raised in an h5py callback, it would be lost."""
+    out, keys, digest = Path(out), schema(name, spatial, len(rois)), _digest(name, rois)
     new_dirs, tmp = [p for p in out.parents if not p.exists()], out.with_name(f".{out.name}.{os.getpid()}.tmp")
     total, done, start, shown = sum(map(len, items.values())), 0, time.monotonic(), time.monotonic()
     stop, main_thread = [], threading.current_thread() is threading.main_thread()
@@ -138,12 +124,12 @@ def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=
                     chunks = (1,) * (len(tail) - 1) + tail[-2:] if name in PLANNING else (1,) + tail
                     big = dict(chunks=chunks, maxshape=(None,) + tail, compression="gzip", shuffle=dt.itemsize > 1)
                     g.create_dataset(key, (n,) + tail, dt, **(big if len(tail) > 1 else {}))  # maxshape: n may be 0
-                digest.add(split, n, "int64")
+                _feed(digest, split, n, "int64")
                 for i, x in enumerate(items[split]):
                     case = make(x)
                     for key, (_, dtype) in keys.items():
                         g[key][i] = value = case[key] if dtype == "str" else np.asarray(case[key], dtype)
-                        digest.add(key, value, dtype)
+                        _feed(digest, key, value, dtype)
                     done += 1
                     if log and (time.monotonic() - shown > 10 or done == total):
                         elapsed, shown = time.monotonic() - start, time.monotonic()
@@ -152,7 +138,7 @@ def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=
                     if stop:
                         raise KeyboardInterrupt
             f.attrs.update(dataset=name, tasks=json.dumps(task_spec(name, len(rois))), source=str(source),
-                           dims=len(spatial), synthetic=bool(synthetic), digest=digest.h.hexdigest())
+                           dims=len(spatial), synthetic=bool(synthetic), digest=digest.hexdigest())
             f.attrs.update({"roi_names": json.dumps(list(rois))} if name in PLANNING else {})
             f.attrs.update({"classes": json.dumps(HAM_CLASSES)} if name == "ham10000" else {})
         if stop:
@@ -170,12 +156,11 @@ def _write(out, name, items: dict, make, spatial, rois=(), source="", synthetic=
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 def _seeded_split(items, key, seed) -> dict:
-    """{split: [items, in order]}: a seeded permutation of the sorted unique keys cut 70/10/20 (val and test at least
-    one each), so that items sharing a key (a lesion) share a split."""
+    """{split: [items]}: the sorted unique keys, permuted by `seed`, cut 70/10/20 (val, test >= 1); a key, one split."""
     keys = sorted({key(x) for x in items})
     if len(keys) < 3:
         raise DataError(f"{len(keys)} cases cannot fill train, val and test: use at least 3")
-    val, test = (max(1, round(len(keys) * fraction)) for fraction in SPLIT_FRACTIONS[1:])
+    val, test = (max(1, round(len(keys) * fraction)) for fraction in (0.1, 0.2))  # train: the rest
     rank = np.random.default_rng(seed).permutation(len(keys)).argsort()  # of each key in the permutation
     split_of = {k: SPLITS[int(r >= len(keys) - val - test) + int(r >= len(keys) - test)] for k, r in zip(keys, rank)}
     return {s: [x for x in items if split_of[key(x)] == s] for s in SPLITS}
@@ -219,8 +204,7 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
     dtype = np.dtype(_MET_TYPES[etype]).newbyteorder(">" if msb else "<")
     if header["ElementDataFile"] != "LOCAL":
         if not data_file.is_file():
-            raise DataError(f"{path}: its data file {data_file} is missing (one file per slice is not supported): "
-                            "put it next to the header")
+            raise DataError(f"{path}: data file {data_file} is missing (slice lists unsupported): put it by the header")
         raw = data_file.read_bytes()
     nbytes = math.prod(shape) * dtype.itemsize
     if header.get("CompressedData", "False").lower() == "true":
@@ -238,8 +222,7 @@ def read_metaimage(path) -> tuple[np.ndarray, np.ndarray]:
     return array, np.array(spacing[::-1], dtype=np.float64)
 
 def read_sparse_csv(path, shape, values=True) -> np.ndarray:
-    """An OpenKBP CSV (header `,data`; rows `flat_index,value`, `flat_index,` for masks) as a dense C-order array
-    of `shape`: float64 values, or bool for masks. Unlisted voxels are 0."""
+    """An OpenKBP CSV (header `,data`, rows `flat_index,value`; masks `flat_index,`) as a dense array: unlisted = 0."""
     try:
         with open(path) as fh, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # header-only files: "input contained no data"
@@ -253,8 +236,7 @@ def read_sparse_csv(path, shape, values=True) -> np.ndarray:
         raise DataError(f"{path}: NaN or inf among the values: fix the source data")
     index, size = rows[:, 0].astype(np.int64), math.prod(shape)
     if len(index) and (index.min() < 0 or index.max() >= size or (index != rows[:, 0]).any()):
-        raise DataError(f"{path}: flat index out of range for shape {shape} (max {rows[:, 0].max():.0f}): "
-                        "pass the right --shape")
+        raise DataError(f"{path}: flat index out of range for shape {shape} (max {index.max()}): check --shape")
     dense = np.zeros(size, np.float64 if values else bool)
     dense[index] = rows[:, 1] if values else True
     return dense.reshape(shape)
@@ -316,8 +298,7 @@ def read_openkbp_patient(folder, shape=(128, 128, 128), rois=OPENKBP_ROIS) -> di
     folder = Path(folder)
     raw_ct = read_sparse_csv(folder / "ct.csv", shape)
     if (raw_ct != np.round(raw_ct)).any() or raw_ct.max(initial=0) > 32767 + 1024 or raw_ct.min(initial=0) < 0:
-        raise DataError(f"{folder / 'ct.csv'}: values must be integers in 0..33791 (HU + 1024); "
-                        "data.py stores CT as int16 HU")
+        raise DataError(f"{folder / 'ct.csv'}: values must be integers in 0..33791 (HU + 1024, stored as int16 HU)")
     try:
         voxel = np.loadtxt(folder / "voxel_dimensions.csv", ndmin=1)
     except ValueError as e:
@@ -335,8 +316,7 @@ def _openkbp_raw(raw_dir: Path, rois, shape):
     _require(raw_dir, {d + "/": (raw_dir / d).is_dir() for d in OPENKBP_SPLITS.values()},
              "a folder holding train-pats/, validation-pats/ and test-pats/ (open-kbp's provided-data)")
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731, pt_2 < pt_10
-    patients = {s: sorted((p for p in (raw_dir / d).iterdir() if p.is_dir()), key=natural)
-                for s, d in OPENKBP_SPLITS.items()}
+    patients = {s: sorted(filter(Path.is_dir, (raw_dir / d).iterdir()), key=natural) for s, d in OPENKBP_SPLITS.items()}
     lacking, extra = [], set()
     for p in (p for ps in patients.values() for p in ps):
         names = {c.name for c in p.glob("*.csv")}
@@ -344,8 +324,7 @@ def _openkbp_raw(raw_dir: Path, rois, shape):
         lacking += [f"{p} lacks {', '.join(gone)}"] if gone else []
         extra |= {n[:-4] for n in names} - {f[:-4] for f in OPENKBP_FILES} - set(rois)
     if lacking:
-        more = f" (and {len(lacking) - 1} more patients)" if len(lacking) > 1 else ""
-        raise DataError(f"{lacking[0]}{more}: every patient folder needs {', '.join(OPENKBP_FILES)}")
+        raise DataError(f"{lacking[0]}: every patient folder needs {', '.join(OPENKBP_FILES)} ({len(lacking)} do not)")
     if not any(patients.values()):
         raise DataError(f"{raw_dir}: no patient folders under {', '.join(OPENKBP_SPLITS.values())}")
     note = extra and f"note: ignored ROI files {', '.join(sorted(extra))} (add them to --rois to keep them)"
@@ -364,8 +343,7 @@ def _ham_raw(raw_dir: Path, size, seed):
         raise DataError(f"{raw_dir / HAM_METADATA}: unknown dx {', '.join(bad)}: expected {', '.join(HAM_CLASSES)}")
     images = {p.stem: p for d in image_dirs for p in d.glob("*.jpg")}
     masks = {r["image_id"]: raw_dir / HAM_MASK_DIR / f"{r['image_id']}_segmentation.png" for r in rows}
-    lacking = [f"{r['image_id']}.jpg" for r in rows if r["image_id"] not in images] \
-        + [m.name for m in masks.values() if not m.is_file()]
+    lacking = [f"{i}.jpg" for i in masks if i not in images] + [m.name for m in masks.values() if not m.is_file()]
     if lacking:
         raise DataError(f"{raw_dir}: {len(lacking)} files listed in {HAM_METADATA} are missing (first: "
                         f"{', '.join(lacking[:3])}; images read from {', '.join(d.name + '/' for d in image_dirs)}): "
@@ -373,11 +351,9 @@ def _ham_raw(raw_dir: Path, size, seed):
 
     def case(r):
         rgb, mask = _read_image(images[r["image_id"]], "RGB"), _read_image(masks[r["image_id"]], "L")
-        original = (rgb.height, rgb.width)
-        rgb, mask = (im if im.size == size[::-1] else im.resize(size[::-1], Image.Resampling.BILINEAR)
-                     for im in (rgb, mask))
-        return {"image": np.asarray(rgb), "segmentation": np.asarray(mask) > 128, "id": r["image_id"],
-                "lesion_id": r["lesion_id"], "diagnosis": HAM_CLASSES.index(r["dx"]), "original_size": original}
+        image, segmentation = (np.asarray(im.resize(size[::-1], Image.Resampling.BILINEAR)) for im in (rgb, mask))
+        return {"image": image, "segmentation": segmentation > 128, "id": r["image_id"], "lesion_id": r["lesion_id"],
+                "diagnosis": HAM_CLASSES.index(r["dx"]), "original_size": (rgb.height, rgb.width)}
 
     return _seeded_split(sorted(rows, key=lambda r: r["image_id"]), lambda r: r["lesion_id"], seed), case, None
 
@@ -397,8 +373,7 @@ def _stoic_raw(raw_dir: Path, shape, seed):
              if r[key].strip() not in ("0", "1", "0.0", "1.0")]
     if wrong:
         raise DataError(f"{reference}: {wrong[0]}, expected 0 or 1")
-    labels = {r["PatientID"]: {"covid": int(float(r["probCOVID"])), "severe": int(float(r["probSevere"]))}
-              for r in rows}
+    label = {r["PatientID"]: {"covid": int(float(r["probCOVID"])), "severe": int(float(r["probSevere"]))} for r in rows}
 
     def case(pid):  # resized by area averaging along axes that shrink (no aliasing), trilinear along those that grow
         volume, spacing = read_metaimage(scans[pid])
@@ -408,21 +383,19 @@ def _stoic_raw(raw_dir: Path, shape, seed):
         smaller = tuple(min(a, b) for a, b in zip(volume.shape, shape))
         t = F.adaptive_avg_pool3d(t, smaller) if smaller != volume.shape else t
         t = F.interpolate(t, size=shape, mode="trilinear", align_corners=False) if smaller != tuple(shape) else t
-        return {"image": np.clip(np.rint(t[0, 0].numpy()), -32768, 32767), **labels[pid], "id": pid,
+        return {"image": np.clip(np.rint(t[0, 0].numpy()), -32768, 32767), **label[pid], "id": pid,
                 "original_shape": volume.shape, "original_voxel_dimensions": spacing,
                 "voxel_dimensions": spacing * volume.shape / np.array(shape)}
 
     return _seeded_split(sorted(scans), str, seed), case, None
 
 def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0, overwrite=False, log=None) -> Path:
-    """Convert the raw public release of dataset `name` in `raw_dir` to `out` (default data/NAME.h5).
-    openkbp/prostate take `shape` (D,H,W of the flat indices) and `rois`; ham10000 (WIDTHxHEIGHT) and stoic
-    (cube side) take `size` and `seed` (of their split). Everything is checked before anything is written."""
+    """Convert the raw release of `name` in `raw_dir` to `out` (default data/NAME.h5), all checked before writing.
+    openkbp/prostate take `shape` (D,H,W of the flat indices) and `rois`; ham10000 and stoic `size` and `seed`."""
     raw_dir, log = Path(raw_dir), log or sys.stderr
-    if name in PLANNING and size is not None:
-        raise DataError(f"--size does not apply to {name}: use --shape D,H,W (the raw volume shape)")
-    if name not in PLANNING and (shape is not None or rois):
-        raise DataError(f"--shape and --rois apply to openkbp and prostate only; {name} takes --size")
+    if (size is not None) if name in PLANNING else (shape is not None or rois):
+        raise DataError(f"{name} takes {'--shape D,H,W (the raw volume shape)' if name in PLANNING else '--size'}: "
+                        "--shape and --rois apply to openkbp and prostate only, --size to ham10000 and stoic")
     rois = tuple(r.strip() for r in rois.split(",") if r.strip()) if isinstance(rois, str) else tuple(rois or ())
     rois = rois or SPECS[check_name(name)].rois
     if name in PLANNING:
@@ -433,10 +406,8 @@ def convert(name, raw_dir, out=None, *, shape=None, rois=None, size=None, seed=0
     out = _output(name, out, overwrite)
     if not raw_dir.is_dir():
         raise DataError(f"raw folder {raw_dir} not found: pass the folder of the unpacked {name} release")
-    if name in PLANNING:
-        items, make, note = _openkbp_raw(raw_dir, rois, shape)
-    else:
-        items, make, note = (_ham_raw if name == "ham10000" else _stoic_raw)(raw_dir, spatial, seed)
+    items, make, note = (_openkbp_raw(raw_dir, rois, shape) if name in PLANNING
+                         else (_ham_raw if name == "ham10000" else _stoic_raw)(raw_dir, spatial, seed))
     _write(out, name, items, make, spatial, rois, raw_dir.resolve(), log=log)
     if note:
         print(note, file=log)
@@ -452,8 +423,7 @@ def _ellipsoid(grid, centre, radii):
     """Mask of an axis-aligned ellipsoid (a radius of inf makes a cylinder)."""
     return sum(((x - c) / r) ** 2 for x, c, r in zip(grid, centre, radii)) <= 1
 
-# Synthetic anatomy on the raw axes (D, H, W), W = z, in [-1, 1]: ROI -> (centre, radii, HU, spared by the plan);
-# an inf radius makes a cylinder along z. The PTVs are drawn per case (`_synth_plan_case`).
+# Organs on the raw axes (D, H, W), W = z, in [-1, 1]: ROI -> (centre, radii (inf: along z), HU, spared by the plan).
 _ORGANS = {
     "openkbp": {"SpinalCord": ((0.4, 0, 0), (0.07, 0.07, np.inf), 250, True),
                 "Brainstem": ((0.35, 0, 0.7), (0.12, 0.12, 0.25), 200, True),
@@ -472,8 +442,8 @@ _LESIONS = {"akiec": (0.08, (200, 100, 90), (0.35, 0.55)), "bcc": (0.08, (230, 1
             "bkl": (0.12, (170, 130, 80), (0.4, 0.65)), "df": (0.07, (140, 90, 120), (0.2, 0.35)),
             "mel": (0.13, (60, 40, 35), (0.5, 0.75)), "nv": (0.45, (115, 70, 45), (0.35, 0.55)),
             "vasc": (0.07, (170, 30, 60), (0.2, 0.35))}
-# STOIC (covid, severe) -> (opacity count range, radius range, HU range): ground glass for COVID, more and larger
-# when severe; at most one small solid nodule otherwise. Dealt in fifths: 60 % COVID, a third of those severe.
+# STOIC (covid, severe) -> ranges of opacity count, radius, HU: ground glass if COVID (more, larger if severe), else
+# at most one small solid nodule. Dealt in fifths: 60 % COVID, a third of those severe.
 _OPACITIES = {(0, 0): ((0, 2), (0.08, 0.1), (30, 50)), (1, 0): ((3, 7), (0.12, 0.2), (-450, -200)),
               (1, 1): ((6, 12), (0.2, 0.3), (-450, -200))}
 _STOIC_DEAL = ((0, 0), (0, 0), (1, 0), (1, 0), (1, 1))
@@ -500,9 +470,8 @@ def _synth_plan_case(rng, name, size):
     spared = [rois.index(roi) for roi, organ in _ORGANS[name].items() if organ[3]]
     dose[structures[spared].any(0) & ~in_target] *= 0.75
     hu[body] += rng.normal(0, 15, int(body.sum()))
-    voxel = np.array([3.906, 3.906, 2.5]) * 128 / size
     return {"image": axial_first(np.rint(hu)), "dose": axial_first(dose * body), "structures": axial_first(structures),
-            "possible_dose_mask": axial_first(body), "voxel_dimensions": voxel[[2, 0, 1]]}
+            "possible_dose_mask": axial_first(body), "voxel_dimensions": np.array([2.5, 3.906, 3.906]) * 128 / size}
 
 def _synth_stoic_case(rng, size, covid, severe):
     """One chest CT (z, y, x): a body cylinder, two lungs and the opacities of its class."""
@@ -521,8 +490,7 @@ def _synth_stoic_case(rng, size, covid, severe):
             "voxel_dimensions": np.full(3, 320.0 / size), "original_voxel_dimensions": np.full(3, 320.0 / size)}
 
 def synth(name, out=None, n=None, size=None, seed=0, overwrite=False) -> Path:
-    """A synthetic stand-in of `name` with the real layout (synthetic=True): n cases (default 30 / 300 / 80) of
-    spatial size `size` (a multiple of 32), split 70/10/20 (ham10000: by lesion). Learnable, tasks related."""
+    """A learnable synthetic stand-in of `name` in the real layout: n cases (default 30/300/80) of side `size`."""
     spec = SPECS[check_name(name)]
     n, size = spec.synth_n if n is None else int(n), spec.synth_size if size is None else int(size)
     if size <= 0 or size % 32:
@@ -583,8 +551,7 @@ def check_layout(f: h5py.File, path) -> dict:
     if tasks != task_spec(name, len(rois)):
         raise DataError(f"{path}: tasks {tasks} do not match {name} with {len(rois)} ROIs: {fix}")
     keys = schema(name, (), len(rois))
-    missing = [f"{split}/{key}" for split in SPLITS for key in keys
-               if not isinstance(f.get(f"{split}/{key}"), h5py.Dataset)]
+    missing = [f"{s}/{key}" for s in SPLITS for key in keys if not isinstance(f.get(f"{s}/{key}"), h5py.Dataset)]
     if missing:
         raise DataError(f"{path}: {missing[0]} is missing (groups train, val, test each need {', '.join(keys)}): {fix}")
     image, counts = f["train/image"], {split: f[f"{split}/image"].shape[0] for split in SPLITS}
@@ -597,8 +564,7 @@ def check_layout(f: h5py.File, path) -> dict:
             if ("str" if h5py.check_string_dtype(ds.dtype) else ds.dtype.name) != dtype:
                 raise DataError(f"{path}: {split}/{key} has dtype {ds.dtype}, expected {dtype}: {fix}")
     if any(s % 32 for s in spatial):
-        raise DataError(f"{path}: spatial size {spatial} is not a multiple of 32: convert again with a "
-                        "--shape/--size of multiples of 32")
+        raise DataError(f"{path}: spatial size {spatial} is not a multiple of 32: convert again with --shape or --size")
     return {"name": name, "tasks": tasks, "rois": rois, "spatial": tuple(spatial), "counts": counts,
             "synthetic": bool(f.attrs["synthetic"]), "digest": str(f.attrs["digest"])}
 
@@ -613,7 +579,7 @@ def _read(path, g: h5py.Group, key, case, at=None):
         raise DataError(f"{path}: {g.name[1:]}/{key} is damaged (case {case}: {_first_line(e)}): {fix}") from None
     if ds.dtype.kind == "f" and not np.isfinite(value).all():
         raise DataError(f"{path}: NaN or inf in {g.name[1:]}/{key} of case {case}: fix the source data, convert again")
-    return value
+    return int(value) if isinstance(value, np.integer) else value
 
 def _shift(t: torch.Tensor, offsets, fill: float) -> torch.Tensor:
     """Translate the spatial axes of a (C, *spatial) tensor by integer offsets, filling the gap."""
@@ -644,7 +610,6 @@ class H5Dataset(torch.utils.data.Dataset):
         self.slices = self.dims == 2 and len(meta["spatial"]) == 3
         self.spatial = meta["spatial"][1:] if self.slices else meta["spatial"]  # of one item
         self._per_case = meta["spatial"][0] if self.slices else 1
-        self._keys = list(schema(self.dataset, meta["spatial"], len(self.roi_names)))
         self._h5, self._pid = None, None
 
     def __getstate__(self):
@@ -694,52 +659,45 @@ class H5Dataset(torch.utils.data.Dataset):
         """Case i whole, in stored units (HU, Gy, bool masks, int labels, str ids)."""
         if not 0 <= i < self.num_cases:
             raise IndexError(f"case {i} out of range for {self.num_cases} cases")
-        values = {key: self._get(key, i) for key in self._keys}
-        return {key: int(v) if isinstance(v, np.integer) else v for key, v in values.items()}
+        return {key: self._get(key, i) for key in schema(self.dataset, (), len(self.roi_names))}
 
 open_dataset = H5Dataset  # open_dataset(path, split, dims=2, augment=False): one split as a torch Dataset of dicts
 
-# ----------------------------------------------------------------------------- info
+# ----------------------------------------------------------------------------- info, CLI
 def describe(path, full=True) -> str:
-    """Check a file and summarise it. full=True reads every value of every dataset, case by case: a damaged
-    chunk, NaN or inf, a negative dose, a label out of range or content that no longer matches the digest fail."""
+    """Check a file and summarise it; full=True reads every value: damage, NaN or inf, dose < 0, labels, digest."""
     path = Path(path)
     with _open_h5(path) as f:
         meta = check_layout(f, path)
         name, tasks, rois, counts = meta["name"], meta["tasks"], meta["rois"], meta["counts"]
-        keys, digest = schema(name, meta["spatial"], len(rois)), _Digest(name, rois)
+        keys, digest = schema(name, meta["spatial"], len(rois)), _digest(name, rois)
         lines = [f"{path}: {name}, synthetic={meta['synthetic']}, source={f.attrs['source']}, digest={meta['digest']}",
                  "tasks: " + ", ".join(f"{t} ({kind}, {n})" for t, (kind, n) in tasks.items())]
         lines += ["roi_names: " + ", ".join(rois)] if rois else []
         for split in SPLITS:
             lines += [f"{split}: {counts[split]} cases"]
             lines += [f"  {key:26s} {str(f[split][key].shape):24s} {dtype}" for key, (_, dtype) in keys.items()]
-            digest.add(split, counts[split], "int64")
-            seen = {task: [] for task in tasks}  # per case: the label, the mean of a map, the ROIs contoured
+            _feed(digest, split, counts[split], "int64")
+            tally = {t: np.zeros(n, int) for t, (kind, n) in tasks.items() if kind == "image" or t == "structures"}
             for i in range(counts[split] if full else 0):
                 for key, (_, dtype) in keys.items():
                     value = _read(path, f[split], key, i)
-                    digest.add(key, value, dtype)
+                    _feed(digest, key, value, dtype)
                     kind, k = tasks.get(key, ("", 0))
                     if kind == "image" and not 0 <= value < k:
                         raise DataError(f"{path}: {split}/{key} of case {i} is {value}, outside 0..{k - 1}")
                     if key == "dose" and value.min() < 0:
                         raise DataError(f"{path}: negative dose in {split}/dose of case {i}: fix the source data")
-                    if kind:
-                        seen[key].append(value.any(axis=(1, 2, 3)) if key == "structures" else np.mean(value))
-            for task, values in ((t, v) for t, v in seen.items() if v):
-                kind, k = tasks[task]
-                names = HAM_CLASSES if task == "diagnosis" else rois if task == "structures" else range(k)
-                counted = np.bincount(np.array(values, int), minlength=k) if kind == "image" else np.sum(values, 0)
-                text = f"mean {np.mean(values):.3g} per pixel" if task in ("dose", "segmentation") else ", ".join(
-                    f"{c} {m}" for c, m in zip(names, counted))
+                    if key in tally:  # cases per label, or per ROI the cases where it is contoured
+                        tally[key] += value.any(axis=(1, 2, 3)) if key == "structures" else np.arange(k) == value
+            for task, counted in tally.items() if full and counts[split] else ():
+                names = HAM_CLASSES if task == "diagnosis" else rois if task == "structures" else range(len(counted))
+                text = ", ".join(f"{c} {m}" for c, m in zip(names, counted))
                 lines.append(f"  balance {task}: {text}" + (" (cases contoured)" if task == "structures" else ""))
-    if full and digest.h.hexdigest() != meta["digest"]:
-        raise DataError(f"{path}: its content does not match its digest (changed since written): "
-                        + _make_hint(name, "rebuild", out=path))
+    if full and digest.hexdigest() != meta["digest"]:
+        raise DataError(f"{path}: content does not match its digest: " + _make_hint(name, "rebuild", out=path))
     return "\n".join(lines)
 
-# ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     """`python data.py synth|convert|info ...`: 0 on success, 2 with one line on stderr on bad input, 130 on Ctrl-C."""
     p = argparse.ArgumentParser(prog="data.py", description="HDF5 datasets for CTAN (layout: README.md, ## Data)")
@@ -748,13 +706,12 @@ def main(argv=None) -> int:
     c = sub.add_parser("convert", help="convert a raw public release to HDF5")
     for writer in (s, c):
         writer.add_argument("name", help=" | ".join(DATASETS))
-        writer.add_argument("--seed", type=int, default=0, help="of the synthetic data / of the 70/10/20 split")
+        writer.add_argument("--seed", type=int, default=0, help="of the synthetic data, or of the split (default 0)")
         writer.add_argument("--out", help="output file (default data/NAME.h5)")
         writer.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     s.add_argument("--n", type=int, help="number of cases (default 30 for prostate/openkbp, 300 ham10000, 80 stoic)")
     s.add_argument("--size", type=int, help="spatial size, a multiple of 32 (default 64; 32 for stoic)")
-    c.add_argument("raw_dir", help="openkbp/prostate: folder with train-pats/ validation-pats/ test-pats/; "
-                   "ham10000: the unpacked release; stoic: folder with data/mha/ and metadata/")
+    c.add_argument("raw_dir", help="folder of the unpacked release (its layout per dataset: README.md, ## Data)")
     c.add_argument("--shape", help="openkbp/prostate: volume shape of the flat indices, N or D,H,W (default 128)")
     c.add_argument("--rois", help="openkbp/prostate: comma-separated ROI names (default: the dataset's list)")
     c.add_argument("--size", help="ham10000: WIDTHxHEIGHT (default 256x192); stoic: cube side (default 128)")
@@ -766,11 +723,7 @@ def main(argv=None) -> int:
         if args.command == "info":
             print(describe(args.file, full=not args.quick))
             return 0
-        if args.command == "synth":
-            out = synth(args.name, args.out, args.n, args.size, args.seed, overwrite=args.overwrite)
-        else:
-            out = convert(args.name, args.raw_dir, args.out, shape=args.shape, rois=args.rois, size=args.size,
-                          seed=args.seed, overwrite=args.overwrite)
+        out = (synth if args.command == "synth" else convert)(**{k: v for k, v in vars(args).items() if k != "command"})
         print(f"wrote {out} ({time.monotonic() - start:.1f}s)")
         return 0
     except KeyboardInterrupt:
