@@ -1,8 +1,8 @@
 """Cross-Task Attention Network (CTAN; Kim, Purdie, McIntosh, MICCAI 2023 Workshops, arXiv 2309.03837) and baselines.
 
-We lack the paper's full text (only its abstract and summaries): each module says whether a choice is **from the paper** (or the baseline's
-paper) or **ours**, and each choice of ours is an argument. Networks map x (B, C, *S), 2D or 3D, to {task: output}:
-(B, n_out, *S) for pixel-level tasks, (B, n_out) for image-level ones. Torch only.
+We lack the paper's full text (we have its abstract and summaries): each module says whether a choice is **from
+the paper** (or the baseline's paper) or **ours**, and each choice of ours is an argument. Networks map x (B, C, *S),
+2D or 3D, to {task: output}: (B, n_out, *S) for pixel-level tasks, (B, n_out) for image-level ones. Torch only.
 """
 import math
 

@@ -370,7 +370,8 @@ def test_synth_items_follow_the_spec(synth_files, name, dims):
     path = synth_files[name]
     with h5py.File(path) as f:
         assert f.attrs["dataset"] == name and bool(f.attrs["synthetic"]) is True
-        assert {t: tuple(v) for t, v in json.loads(f.attrs["tasks"]).items()} == data.task_spec(name, len(data.SPECS[name].rois))
+        tasks = {t: tuple(v) for t, v in json.loads(f.attrs["tasks"]).items()}
+        assert tasks == data.task_spec(name, len(data.SPECS[name].rois))
     size = TINY_DATA[name]["size"]
     total = 0
     for split in data.SPLITS:
@@ -431,12 +432,14 @@ def test_augmentation_is_label_consistent(synth_files):
     assert match, "augmented CT is not a small shift of the original"
     for key in ("dose", "structures", "possible_dose_mask"):
         assert torch.equal(data._shift(a[key], match[0], 0.0), b[key])
-    ham, ham_aug = data.open_dataset(synth_files["ham10000"], "train"), data.open_dataset(synth_files["ham10000"], "train", augment=True)
+    ham = data.open_dataset(synth_files["ham10000"], "train")
+    ham_aug = data.open_dataset(synth_files["ham10000"], "train", augment=True)
     seen = set()
     for _ in range(20):
         a, b = ham[0], ham_aug[0]
-        flips = [f for f in ((), (-1,), (-2,), (-1, -2)) if torch.equal(a["image"].flip(f) if f else a["image"], b["image"])]
-        assert flips and torch.equal(a["segmentation"].flip(flips[0]) if flips[0] else a["segmentation"], b["segmentation"])
+        flip = lambda x, f: x.flip(f) if f else x
+        flips = [f for f in ((), (-1,), (-2,), (-1, -2)) if torch.equal(flip(a["image"], f), b["image"])]
+        assert flips and torch.equal(flip(a["segmentation"], flips[0]), b["segmentation"])
         seen.add(flips[0])
     assert len(seen) > 1
 
@@ -445,7 +448,8 @@ def test_augmentation_is_label_consistent(synth_files):
 def write_sparse_csv(path, flat, values=True):
     """Format of open-kbp's provided-data: header ',data', rows 'index,value' / 'index,' of non-zero voxels."""
     index = np.flatnonzero(flat)
-    rows = [f"{i},{v!r}" for i, v in zip(index, flat[index].astype(float).tolist())] if values else [f"{i}," for i in index]
+    rows = ([f"{i},{v!r}" for i, v in zip(index, flat[index].astype(float).tolist())] if values
+            else [f"{i}," for i in index])
     Path(path).write_text(",data\n" + "".join(r + "\n" for r in rows))
 
 
@@ -554,7 +558,8 @@ def test_real_openkbp_matches_the_csv_files(tmp_path):
     ct = _read_csv_independently(folder / "ct.csv", size)
     flat = lambda v: raw_order(v).ravel()  # the CSVs' flat index is C order over (D, H, W)
     np.testing.assert_array_equal(flat(got["image"]).astype(np.float64) + 1024, ct)
-    np.testing.assert_array_equal(flat(got["dose"]), _read_csv_independently(folder / "dose.csv", size).astype(np.float32))
+    want = _read_csv_independently(folder / "dose.csv", size).astype(np.float32)
+    np.testing.assert_array_equal(flat(got["dose"]), want)
     np.testing.assert_array_equal(flat(got["possible_dose_mask"]),
                                   _read_csv_independently(folder / "possible_dose_mask.csv", size, values=False))
     with open(folder / "voxel_dimensions.csv") as fh:
@@ -612,7 +617,8 @@ def test_ham10000_round_trip(tmp_path):
         mask = Image.open(tmp_path / "raw" / data.HAM_MASK_DIR / f"{r['image_id']}_segmentation.png")
         assert tuple(got["original_size"]) == (rgb.height, rgb.width)
         if rgb.size != (64, 32):
-            rgb, mask = rgb.resize((64, 32), Image.Resampling.BILINEAR), mask.resize((64, 32), Image.Resampling.BILINEAR)
+            rgb = rgb.resize((64, 32), Image.Resampling.BILINEAR)
+            mask = mask.resize((64, 32), Image.Resampling.BILINEAR)
         np.testing.assert_array_equal(got["image"], np.asarray(rgb))
         np.testing.assert_array_equal(got["segmentation"], np.asarray(mask) > 128)
         assert got["diagnosis"] == data.HAM_CLASSES.index(r["dx"])
@@ -817,7 +823,8 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path):
     assert not (tmp_path / "out").exists()  # not even the folder it made
     out.parent.mkdir()
     out.write_bytes(b"previous")  # an existing output survives a failed conversion untouched
-    assert data.main(["convert", "openkbp", str(tmp_path / "raw"), "--out", str(out), "--shape", "32", "--overwrite"]) == 2
+    argv = ["convert", "openkbp", str(tmp_path / "raw"), "--out", str(out), "--shape", "32", "--overwrite"]
+    assert data.main(argv) == 2
     assert out.read_bytes() == b"previous" and sorted(p.name for p in out.parent.iterdir()) == ["openkbp.h5"]
 
 
