@@ -334,7 +334,7 @@ def test_pixel_heads_output_conv_runs_in_fp32_under_autocast():
 def test_channels_last_and_bf16_autocast_forward_backward_of_every_arch(dims):
     memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
     x = sized_input(dims).to(memory_format=memory_format)
-    for arch in ctan.ARCHS:
+    for arch in ctan.ARCHS if dims == 2 else ("ctan",):  # a CPU has no fast bf16 conv3d: 5 s an arch
         model = sized_model(arch, TASK_MIXES["pixel+image"], dims).to(memory_format=memory_format)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
@@ -1337,20 +1337,18 @@ def test_outputs_and_delta_mtl_against_the_matching_stl_run(synthetic, tmp_path,
 
 def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
     stl_dir = tmp_path / "openkbp-stl"
-    train.main(_argv(synthetic, stl_dir, "openkbp", "stl"))
-    stl_file = stl_dir / "results.json"
-    good = json.loads(stl_file.read_text())
+    good = train.main(_argv(synthetic, stl_dir, "openkbp", "stl"))
     other = data.synth("openkbp", tmp_path / "other.h5", n=6, size=32, seed=2)  # same kind, other content
     res = train.main(_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--data", str(other), "--stl", str(stl_dir)))
     assert res["delta_mtl"] is None and "data_digest" in res["delta_mtl_note"]
-    for key, value in (("dims", 3), ("synthetic", False), ("split", "val")):
-        atomic = {**good, key: value}
-        stl_file.write_text(json.dumps(atomic))
-        res = train.main(_argv(synthetic, tmp_path / f"y{key}", "openkbp", "hps", "--stl", str(stl_file)))
-        assert res["delta_mtl"] is None and key in res["delta_mtl_note"] and "not comparable" in res["delta_mtl_note"]
-        saved = json.loads((tmp_path / f"y{key}" / "results.json").read_text())
-        assert saved["delta_mtl_note"] == res["delta_mtl_note"]
+    assert json.loads((tmp_path / "x" / "results.json").read_text())["delta_mtl_note"] == res["delta_mtl_note"]
     assert "no Delta_MTL" in capsys.readouterr().out
+    cfg = dict(res["config"], data=str(synthetic["openkbp"]), stl=str(stl_dir / "results.json"))
+    this = {k: good[k] for k in ("dataset", "synthetic", "data_digest", "dims", "split")}
+    assert train.matching_stl(cfg, this)[0]["test"] == good["test"]  # the same data: comparable
+    for key, value in (("dims", 3), ("synthetic", False), ("split", "val")):  # 2D vs 3D, synthetic vs real, ...
+        stl, why = train.matching_stl(cfg, {**this, key: value})
+        assert stl is None and key in why and "not comparable" in why
 
 
 def test_nothing_is_silently_replaced(synthetic, tmp_path, capsys):
@@ -1498,9 +1496,7 @@ def test_every_arch_trains_under_bf16_autocast_and_channels_last(synthetic, tmp_
         res = train.main(_argv(synthetic, tmp_path / arch, "openkbp", arch, "--precision", "bf16", "--channels-last",
                                "--max-steps-per-epoch", "1"))
         assert res["config"]["precision"] == "bf16" and np.isfinite(res["test"]["dose_score"])
-    res = train.main(_guidance_argv(synthetic["openkbp"], tmp_path / "g", "--precision", "bf16", "--channels-last",
-                                    "--epochs", "1"))
-    assert np.isfinite(res["guidance"]["d_combined"]["dose_score"])
+
 
 
 def test_transition_option_reaches_the_model(synthetic, tmp_path):
