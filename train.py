@@ -248,6 +248,7 @@ def open_splits(cfg, log=print):
     if splits["train"].dataset != name:
         raise UserError(f"{path} holds {splits['train'].dataset}, not {name} (check --data)")
     cfg.update(tasks=splits["train"].tasks, roi_names=splits["train"].roi_names)
+    log("config: " + json.dumps(cfg))
     if splits["train"].synthetic:
         log("!" * 78 + f"\n!! WARNING: {path} is a SYNTHETIC stand-in, not the real {name} data;\n"
             "!! its metrics say nothing about the paper's results or about real patients.\n" + "!" * 78)
@@ -890,7 +891,6 @@ def run_training(args, log=print):
         torch.distributed.init_process_group("nccl" if cfg["device"] == "cuda" else "gloo",
                                              timeout=datetime.timedelta(hours=2))
     try:
-        log("config: " + json.dumps(cfg))
         if cfg["arch"] == "guidance":
             return run_guidance(cfg, log)
         splits = open_splits(cfg, log)
