@@ -1133,7 +1133,7 @@ def _read_patient(folder):
         return arr.reshape(128, 128, 128)
 
     empty = np.zeros((128,) * 3, bool)
-    structures = np.stack([m if m is not None else empty for m in (read(r, False) for r in train.OPENKBP_ROIS)])
+    structures = np.stack([m if m is not None else empty for m in (read(r, False) for r in data.OPENKBP_ROIS)])
     return {"dose": read("dose", True), "mask": read("possible_dose_mask", False), "structures": structures,
             "vox": np.loadtxt(folder / "voxel_dimensions.csv")}
 
@@ -1170,7 +1170,7 @@ def test_openkbp_real_dvh_numbers(openkbp_sample):
     dvh = train.openkbp_dvh(p["dose"], p["structures"], p["vox"])
     assert dvh[("D_0.1_cc", "Brainstem")] == pytest.approx(d01)
     assert dvh[("D_1", "PTV70")] == pytest.approx(np.percentile(p["dose"][p["structures"][9]], 99))
-    present = [r for r, m in zip(train.OPENKBP_ROIS, p["structures"]) if m.any()]
+    present = [r for r, m in zip(data.OPENKBP_ROIS, p["structures"]) if m.any()]
     assert {roi for _, roi in dvh} == set(present) and len(present) < 10  # absent ROIs: no entry
     dose, dvh_score = _scores([p], [np.zeros_like(p["dose"])])  # zero prediction: the reference numbers
     assert dose == pytest.approx(p["dose"].sum() / p["mask"].sum())
@@ -1620,10 +1620,12 @@ def test_stages_run_in_order_keep_their_runs_and_resume(done):
 
 
 def test_one_stage_reruns_from_the_kept_runs(done, kbp, tmp_path, capsys):
-    out, results, _ = done
+    out, results = shutil.copytree(done[0], tmp_path / "run"), done[1]  # the other tests read the original
     _fails(_guidance_argv(kbp, out, "--stage", "c"), capsys, "holds a run", "--overwrite")
     again = train.main(_guidance_argv(kbp, out, "--stage", "c", "--overwrite"))  # (c) is only evaluated
-    assert json.dumps(again["guidance"]) == json.dumps(results["guidance"])  # and the other stages are kept
+    assert json.dumps(again["guidance"]["c_guided"]) == json.dumps(results["guidance"]["c_guided"])
+    assert list(again["guidance"]) == ["a_inferior", "a_superior", "c_guided"]  # (d) was made from the old (c)...
+    assert not (out / "d_combined" / "best.pt").exists()  # ... so it went with it
     _fails(_guidance_argv(kbp, tmp_path / "empty", "--stage", "d"), capsys, "a_inferior/best.pt", "--stage a")
 
 

@@ -65,7 +65,6 @@ TASKS = {
 }
 LOWER_IS_BETTER = {"dose_score", "dvh_score", "guidance_mse"}
 RUN_FILES = ("results.json", "results_eval.json", "metrics.jsonl", "last.pt", "best.pt")
-OPENKBP_ROIS = data.OPENKBP_ROIS  # the official ROI order: 7 OARs, then PTV56, PTV63, PTV70
 
 class UserError(Exception):
     """A problem the user can fix (bad option, missing file, diverged run): one line, exit code 2."""
@@ -88,12 +87,13 @@ def resolve_config(args):
         cfg.update(DEFAULTS.get(arch, {}))
     cfg.update(given, device=device)
     cfg["depth"] = tuple(cfg["depth"])
+    if cfg["dims"] not in data.SPECS[args.dataset].model_dims:
+        raise UserError(f"{args.dataset} has no {cfg['dims']}D model: use --dims {2 if cfg['dims'] == 3 else 3}")
     cfg["data"] = str(cfg.get("data") or data.default_path(args.dataset))
     if "," not in cfg["arch"] and cfg["arch"] not in ("mtan", "ctan") and "transition" in given:
         raise UserError(f"--transition applies to mtan and ctan (their per-task branches), not {cfg['arch']}")
-    if cfg.get("eval_only"):
-        cfg.setdefault("out", str(Path(cfg["eval_only"]).parent))
-    cfg["out"] = str(cfg.get("out") or Path("runs") / run_name(cfg, cfg["arch"]))
+    default_out = Path(cfg["eval_only"]).parent if cfg.get("eval_only") else Path("runs") / run_name(cfg, cfg["arch"])
+    cfg["out"] = str(cfg.get("out") or default_out)
     return cfg
 
 def run_name(cfg, arch):
@@ -101,7 +101,7 @@ def run_name(cfg, arch):
     return f"{Path(cfg['data']).stem}{'-3d' if cfg['dims'] == 3 else ''}-{arch}"
 
 # === Metrics (numpy) ===
-def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
+def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_ROIS):
     """DVH metrics of one patient as OpenKBP's DoseEvaluator (provided_code/dose_evaluation_class.py):
     {(metric, roi): value} for the ROIs present. OARs: D_0.1_cc (percentile 100 - n/|roi|*100, n =
     max(1, round(100 / voxel mm^3)), clipped at 0) and mean; targets (PTV*): percentiles 1, 5, 99."""
@@ -122,7 +122,7 @@ def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS)
             out[("mean", roi)] = roi_dose.mean()
     return out
 
-def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
+def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_ROIS):
     """(sum|ref - pred| / |possible-dose mask|, [|ref - pred| per DVH metric]) of one patient; the
     reference's masks serve both doses."""
     pred, ref = np.asarray(pred, dtype=np.float64), np.asarray(ref, dtype=np.float64)
@@ -138,7 +138,7 @@ def openkbp_aggregate(patients):
     dvh = [e for p in patients for e in p[1]]
     return (float(np.mean(dose)) if dose else float("nan")), (float(np.mean(dvh)) if dvh else float("nan"))
 
-def openkbp_scores(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=OPENKBP_ROIS):
+def openkbp_scores(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_ROIS):
     """OpenKBP challenge dose and DVH scores (Babier et al. 2021) over lists of patients, on the doses
     as given (the official pipeline, like `evaluate`, first multiplies the prediction by the mask)."""
     return openkbp_aggregate([openkbp_patient(*p, roi_names=roi_names)
@@ -205,10 +205,10 @@ def delta_mtl(metrics, stl_metrics, tasks):
     return (float(np.mean(list(per_task.values()))) if per_task else float("nan")), per_task
 
 def better(a, b, key):
-    """Does value a (this epoch) beat the best so far, b? Anything beats None, a number beats NaN,
-    and a tie goes to the later epoch (small validation sets saturate)."""
+    """Does value a (this epoch) beat the best so far, b? Anything beats None or NaN, and a tie goes to
+    the later epoch (small validation sets saturate)."""
     if b is None or not np.isfinite(b):
-        return b is None or bool(np.isfinite(a))
+        return True
     return bool(np.isfinite(a)) and (b - a if key in LOWER_IS_BETTER else a - b) >= 0
 
 # === Losses (task weighting: ctan.Weighting) ===
@@ -247,11 +247,13 @@ def open_splits(cfg, log=print):
     splits = {s: data.open_dataset(path, s, cfg["dims"], cfg["augment"] and s == "train") for s in data.SPLITS}
     if splits["train"].dataset != name:
         raise UserError(f"{path} holds {splits['train'].dataset}, not {name} (check --data)")
+    if not all(ds.num_cases for ds in splits.values()):
+        raise UserError(f"{path}: a split is empty ({', '.join(f'{s} {d.num_cases}' for s, d in splits.items())})")
     cfg.update(tasks=splits["train"].tasks, roi_names=splits["train"].roi_names)
     log("config: " + json.dumps(cfg))
     if splits["train"].synthetic:
-        log("!" * 78 + f"\n!! WARNING: {path} is a SYNTHETIC stand-in, not the real {name} data;\n"
-            "!! its metrics say nothing about the paper's results or about real patients.\n" + "!" * 78)
+        log(f"!! WARNING: {path} is a SYNTHETIC stand-in, not the real {name} data: its metrics say nothing "
+            "about the paper's results or about real patients !!")
     return splits
 
 def build_model(cfg, tasks, in_channels):
@@ -297,9 +299,8 @@ def make_run(cfg, model, splits, steps_per_epoch=None):
     run = SimpleNamespace(cfg=cfg, device=device, model=model, net=net, weighting=weighting, optimizer=optimizer,
                           scheduler=scheduler, steps_per_epoch=steps_per_epoch, class_weights=None, rank=rank,
                           world=world, **{f"{s}_ds": ds for s, ds in (splits or {}).items()})
-    if splits and cfg["class_weights"]:
-        run.class_weights = class_weights_from(splits["train"], tasks, device)
     if splits:
+        run.class_weights = class_weights_from(splits["train"], tasks, device) if cfg["class_weights"] else None
         init_output_bias(model, splits["train"], tasks, n_items=64 if cfg["dims"] == 2 else 8)
     return run
 
@@ -363,9 +364,8 @@ def train_step(run, batch):
     return losses, total
 
 def train_loader(run):
-    """One loader for the whole run (workers persist between epochs). The sampler's order depends on
-    (seed, epoch) alone, so a resumed run sees the same batches; under torchrun each process takes a
-    disjoint 1/world of them."""
+    """One loader for the run (workers persist between epochs); the order depends on (seed, epoch) alone, so a
+    resumed run sees the same batches; under torchrun each process takes a disjoint 1/world of them."""
     sampler = torch.utils.data.DistributedSampler(run.train_ds, run.world, run.rank, shuffle=True, seed=run.cfg["seed"])
     return torch.utils.data.DataLoader(run.train_ds, batch_size=run.cfg["batch_size"], sampler=sampler,
                                        drop_last=len(sampler) > run.cfg["batch_size"], num_workers=run.cfg["workers"],
@@ -398,10 +398,9 @@ def train_one_epoch(run, loader, epoch, log):
             "samples_per_s": steps * run.cfg["batch_size"] * run.world / max(elapsed, 1e-9)}
 
 def fit(run, log=print):
-    """Train for cfg['epochs'] epochs (from last.pt with --resume), validating after each: writes
-    metrics.jsonl, last.pt (all it takes to resume), best.pt (best validation epoch) and predictions/
-    (first and last epoch). Returns the best validation record. Under torchrun every process
-    trains; process 0 alone validates and writes."""
+    """Train for cfg['epochs'] epochs (from last.pt with --resume), validating after each: writes metrics.jsonl,
+    last.pt (all it takes to resume), best.pt (best validation epoch) and predictions/ (first and last epoch).
+    Returns the best validation record. Under torchrun every process trains; process 0 validates and writes."""
     cfg, out = run.cfg, Path(run.cfg["out"])
     select, start, best = cfg["select"], 0, {"epoch": None, "value": None, "metrics": None}
     jsonl = out / "metrics.jsonl"
@@ -443,7 +442,7 @@ def fit(run, log=print):
             torch.distributed.barrier()  # the others wait while process 0 validates and writes
         if cfg.get("stop_after") and cfg["stop_after"] <= epoch < cfg["epochs"]:
             log(f"stopping after epoch {epoch} (--stop-after); continue with --resume")
-            break
+            return dict(best, stopped_after=epoch)
     return best
 
 # === Evaluation ===
@@ -498,9 +497,7 @@ def _evaluate_rt(cfg, cases, previews):
             save_rt_preview(previews[i].with_stem(raw["id"]), raw, dose, masks)
     metrics = dict(zip(("dose_score", "dvh_score"), openkbp_aggregate(patients)))
     if "structures" in cfg["tasks"]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an ROI contoured in no patient: NaN
-            per_roi = np.nanmean(np.array(dices), 0)
+        per_roi = [np.mean(d[np.isfinite(d)]) if np.isfinite(d).any() else np.nan for d in np.array(dices).T]
         metrics["dice"] = float(np.nanmean(per_roi)) if np.isfinite(per_roi).any() else float("nan")
         metrics.update({f"dice_{r}": v for r, v in zip(cfg["roi_names"], per_roi)})
     return metrics
@@ -619,7 +616,10 @@ def load_checkpoint(path):
 def test(run, ckpt_path, log=print):
     """(metrics, epoch, notes) on the test split with the weights of ckpt_path (best.pt: picked on validation)."""
     ck = load_checkpoint(ckpt_path)
-    run.model.load_state_dict(ck["model"])
+    try:
+        run.model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"{ckpt_path} holds another model ({str(e).splitlines()[0]})") from None
     metrics, notes = evaluate(run, run.test_ds)
     keys = [k for t in run.cfg["tasks"] for k in TASKS[t][1]]
     log(f"test ({Path(ckpt_path).name}, epoch {ck['epoch']}): " + " ".join(f"{k} {metrics[k]:.4f}" for k in keys))
@@ -781,9 +781,10 @@ def bench(cfg, log=print):
     warmup, steps = max(3, cfg["steps"] // 4), cfg["steps"]
     for run in runs:
         torch.cuda.reset_peak_memory_stats() if cuda else None
+        resident = torch.cuda.memory_allocated() if cuda else 0  # the other archs' weights and optimizer states
         with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
             timed_step(run, lambda: batch)  # forward, backward (counted) and AdamW
-        run.flops, run.peak = counter.get_total_flops(), torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        run.flops, run.peak = counter.get_total_flops(), (torch.cuda.max_memory_allocated() - resident) / 2**30
     log(f"bench: {', '.join(archs)} on random {shape} ({cfg['device']}, {cfg['precision']}), {warmup} + {steps} steps "
         "each, interleaved")
     times = np.array([[timed_step(run, lambda: batch)[1] for run in runs] for _ in range(warmup + steps)])[warmup:]
@@ -797,10 +798,10 @@ def bench(cfg, log=print):
                         "ms_per_step": round(1000 * sec, 2), "samples_per_s": round(shape[0] / sec, 2),
                         "gflop_per_step": round(run.flops / 1e9, 2), "tflops": round(run.flops / sec / 1e12, 4),
                         "mfu": peak and round(run.flops / sec / 1e12 / peak, 4),
-                        "peak_memory_gib": run.peak and round(run.peak, 2),
+                        "peak_memory_gib": round(run.peak, 2) if cuda else None,
                         "estimated_memory_gib": memory_estimate_gib(dict(cfg, arch=arch), shape)})
-    if Path(cfg["data"]).exists():
-        ds = data.open_dataset(cfg["data"], "train", dims=cfg["dims"])
+    ds = data.open_dataset(cfg["data"], "train", dims=cfg["dims"]) if Path(cfg["data"]).exists() else []
+    if len(ds) >= shape[0]:
         loader = torch.utils.data.DataLoader(ds, batch_size=shape[0], shuffle=True, drop_last=True,
                                              num_workers=cfg["workers"], pin_memory=cuda)
         batches = (b for _ in iter(int, 1) for b in loader)  # endless
@@ -827,23 +828,24 @@ def bench(cfg, log=print):
 
 # === Command line ===
 RUNTIME_KEYS = ("device", "workers", "precision", "channels_last", "compile", "log_every", "stop_after", "out",
-                "resume", "overwrite", "stl", "eval_only")  # not taken from last.pt on --resume
+                "resume", "overwrite", "stl", "eval_only", "stage")  # not taken from last.pt on --resume
 MODEL_KEYS = ("dataset", "arch", "dims", "width", "depth", "transition")  # taken from the checkpoint by --eval-only
 
 def check_out(cfg, log):
-    """Nothing silently replaced: a folder that holds a run (or the stage of --stage) is continued with
-    --resume, started over with --overwrite (its run files are removed), or refused."""
+    """Nothing silently replaced: a folder that holds a run (with --stage X: stage X and the later ones,
+    made from it) is continued with --resume, started over with --overwrite (its run files go), or refused."""
     out = Path(cfg["out"])
     if cfg["resume"] and not list(out.glob("**/last.pt")):
         raise UserError(f"--resume: no last.pt in {out}: start the run without --resume")
-    folders = [out / e for e in GUIDANCE if cfg["stage"] == e[0]] or [out, *[out / e for e in GUIDANCE]]
+    stages = [out / e for e in GUIDANCE if cfg["stage"] != "all" and cfg["stage"] <= e[0]]
+    folders = stages or [out, *(out / e for e in GUIDANCE)]
     names = ["results_eval.json"] if cfg.get("eval_only") else RUN_FILES
     held = [] if cfg["resume"] else [f / n for f in folders for n in names if (f / n).exists()]
     if held and not cfg["overwrite"]:
         raise UserError(f"{out} holds a run ({held[0]}): continue it with --resume, choose another --out, "
                         "or start over with --overwrite")
     for path in held + [f / "predictions" for f in folders if held and not cfg.get("eval_only")]:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     log(f"--overwrite: removed {len(held)} files of the earlier run in {out}") if held else None
 
 def checkpoint_config(cfg, args):
@@ -868,8 +870,8 @@ def experiment(cfg, model, splits, log=print):
     best = fit(run, log)
     if run.rank != 0:
         return {}
-    if cfg.get("stop_after") and cfg["stop_after"] < cfg["epochs"]:
-        return {"stopped_after": cfg["stop_after"], "best_val": best, "config": cfg}
+    if "stopped_after" in best:
+        return {"stopped_after": best.pop("stopped_after"), "best_val": best, "config": cfg}
     metrics, epoch, notes = test(run, Path(cfg["out"]) / "best.pt", log)
     return report(run, metrics, best, epoch, notes, log)
 
@@ -877,14 +879,15 @@ def run_training(args, log=print):
     """Resolve the config, then train and test, evaluate a checkpoint (--eval-only), run the guidance
     stages or benchmark (--bench). Under torchrun this process joins the process group first and only
     process 0 logs. Ctrl-C stops with one line that says what was saved."""
-    cfg = resolve_config(args)
+    cfg, (rank, world, local_rank) = resolve_config(args), distributed()
+    if world > 1 and (cfg.get("bench") or cfg["arch"] == "guidance" or cfg.get("eval_only")):
+        raise UserError("--bench, --eval-only and --arch guidance run in one process: start them without torchrun")
     if cfg.get("bench"):
         return bench(cfg, log)
+    log = log if rank == 0 else (lambda *a, **k: None)
     check_out(cfg, log)
     cfg = checkpoint_config(cfg, args) if cfg["resume"] or cfg.get("eval_only") else cfg
     out, fresh = Path(cfg["out"]), not Path(cfg["out"]).exists()
-    rank, world, local_rank = distributed()
-    log = log if rank == 0 else (lambda *a, **k: None)
     if world > 1:
         if cfg["device"] == "cuda":
             torch.cuda.set_device(local_rank)
@@ -984,14 +987,14 @@ def parse_args(argv=None):
     return args
 
 def main(argv=None):
-    """Command line entry point; returns the results dict. User errors: one stderr line, exit code 2;
-    Ctrl-C: one line, exit code 130."""
+    """Command line entry point; returns the results dict. A user error: one line, exit code 2; Ctrl-C: 130."""
     args = parse_args(argv)
     try:
         return run_training(args)
-    except (UserError, data.DataError) as e:
-        print(f"error: {e}" if not isinstance(e.__cause__, KeyboardInterrupt) else e, file=sys.stderr)
-        raise SystemExit(130 if isinstance(e.__cause__, KeyboardInterrupt) else 2)
+    except (UserError, data.DataError) as e:  # from a DataLoader worker, the message is the last line
+        text, stopped = str(e).strip().splitlines()[-1].removeprefix("data.DataError: "), e.__cause__
+        print(text if isinstance(stopped, KeyboardInterrupt) else f"error: {text}", file=sys.stderr)
+        raise SystemExit(130 if isinstance(stopped, KeyboardInterrupt) else 2)
 
 if __name__ == "__main__":
     main()
