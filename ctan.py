@@ -138,7 +138,7 @@ class PixelDecoder(nn.Module):
         for block, skip in zip(self.blocks, [*feats[-2::-1], None]):
             x = F.interpolate(x, size=size if skip is None else skip.shape[2:], mode="nearest")
             x = block(x if skip is None else torch.cat([x, skip], 1))
-        with torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False):  # meta: no autocast
+        with fp32(x):
             return self.out(x.float())
 
 
@@ -152,7 +152,9 @@ class ImageClassifier(nn.Module):
                                  nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, n_out))
 
     def forward(self, feats, size=None):
-        return self.mlp(torch.cat([feats[i].flatten(2).mean(2) for i in self.levels], 1))
+        x = torch.cat([feats[i].flatten(2).mean(2) for i in self.levels], 1)
+        with fp32(x):  # tiny; bf16 logits would tie scores and so AUCs
+            return self.mlp(x.float())
 
 
 def make_head(dims, kind, channels, n_out, norm_kind="batch", classifier_levels=(-1,), hidden=256):
@@ -588,6 +590,11 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     else:
         encoder = lambda: ResNetEncoder(dims, in_channels, block=block, **enc)
     return NETWORKS[arch](tasks, in_channels, dims, norm_kind=norm_kind, encoder=encoder, **options)
+
+
+def fp32(x):
+    """Autocast off where x lives (ours): output layers run in fp32, as rounding a dose to bf16 costs ~0.04 Gy."""
+    return torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False)  # meta: no autocast
 
 
 def count_parameters(model):
