@@ -637,7 +637,8 @@ def matching_stl(cfg, results):
     try:
         stl = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        return None, f"no STL results at {path} ({type(e).__name__}): train --arch stl on this --data, or give --stl"
+        why = "not found" if isinstance(e, FileNotFoundError) else "unreadable"
+        return None, f"STL results {path} {why}: train --arch stl on this --data, or name them with --stl"
     for key in ("dataset", "synthetic", "data_digest", "dims", "split"):
         if stl.get(key) != results[key]:
             return None, f"{path} has {key}={stl.get(key)!r}, this run {results[key]!r}: not comparable"
@@ -745,11 +746,9 @@ def memory_estimate_gib(cfg, shape):
     with torch.device("meta"):
         model, x = build_model(cfg, cfg["tasks"], shape[1]), torch.empty(shape)
     saved = [16 * ctan.count_parameters(model)]
-
     def pack(t):
         saved[0] += 0 if t.is_leaf and t.requires_grad else t.numel() * t.element_size()
         return t
-
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x)
     return round(saved[0] / 2**30, 2)
