@@ -305,6 +305,7 @@ def guided_model(dims=2):
                             inferior.heads)
 
 
+@pytest.mark.xdist_group("dynamo")  # one worker pays for dynamo's start
 @pytest.mark.parametrize("arch", [*ctan.ARCHS, "guided"])
 def test_every_network_compiles_to_one_graph_without_breaks(arch):
     """torch.compile sees each network whole: one graph, no graph breaks (traced only, no compiler run; tracing
@@ -1550,7 +1551,7 @@ def test_torchrun_two_processes_gloo(synthetic, tmp_path):
     collective runs on the model's device; the learnable loss weights stay equal across ranks."""
     out, spy = tmp_path / "ddp", tmp_path / "spy.py"
     spy.write_text(DDP_SPY)
-    argv = _argv(synthetic, out, "ham10000", "ctan", "--weighting", "uncertainty", "--max-eval-cases", "8")
+    argv = _argv(synthetic, out, "ham10000", "hps", "--weighting", "uncertainty", "--max-eval-cases", "8")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(spy), str(HERE),
            str(tmp_path), *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -1601,6 +1602,7 @@ def _ck(out, entry):
     return torch.load(out / entry / "best.pt")["model"]
 
 
+@pytest.mark.xdist_group("guidance")  # one worker builds `done` once
 def test_stages_run_in_order_keep_their_runs_and_resume(done):
     out, results, lines = done
     for entry in ("a_inferior", "a_superior", "b_guidance", "d_combined"):
@@ -1619,6 +1621,7 @@ def test_stages_run_in_order_keep_their_runs_and_resume(done):
     assert _ck(out, "a_superior")["encoders.dose.stem.0.weight"].shape[1] == 1 + len(data.OPENKBP_ROIS)
 
 
+@pytest.mark.xdist_group("guidance")  # one worker builds `done` once
 def test_one_stage_reruns_from_the_kept_runs(done, kbp, tmp_path, capsys):
     out, results = shutil.copytree(done[0], tmp_path / "run"), done[1]  # the other tests read the original
     _fails(_guidance_argv(kbp, out, "--stage", "c"), capsys, "holds a run", "--overwrite")
@@ -1629,6 +1632,7 @@ def test_one_stage_reruns_from_the_kept_runs(done, kbp, tmp_path, capsys):
     _fails(_guidance_argv(kbp, tmp_path / "empty", "--stage", "d"), capsys, "a_inferior/best.pt", "--stage a")
 
 
+@pytest.mark.xdist_group("guidance")  # one worker builds `done` once
 def test_frozen_stages_stay_bit_identical_and_only_new_parts_train(done, kbp):
     out, _, _ = done
     a, b, d = _ck(out, "a_inferior"), _ck(out, "b_guidance"), _ck(out, "d_combined")
@@ -1683,6 +1687,7 @@ class _NoMasks(torch.utils.data.Dataset):
         return getattr(self.ds, name)
 
 
+@pytest.mark.xdist_group("guidance")  # one worker builds `done` once
 def test_guided_models_never_read_the_masks(done, kbp):
     out, results, _ = done
     cfg = _cfg(kbp, out)

@@ -453,8 +453,8 @@ def predict(run, ds):
     run.model.eval()
     base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
     n_slices, pending = len(base) // max(base.num_cases, 1), {}
-    loader = torch.utils.data.DataLoader(ds, batch_size=run.cfg["batch_size"], num_workers=run.cfg["workers"],
-                                         generator=torch.Generator())  # keeps the global RNG untouched
+    loader = torch.utils.data.DataLoader(ds, batch_size=4 * run.cfg["batch_size"], num_workers=run.cfg["workers"],
+                                         generator=torch.Generator())  # no gradients: 4x the batch; no global RNG
     for batch in loader:
         keys = ("image", "structures") if run.cfg.get("superior_input") else ("image",)
         out = {t: v.float().cpu().numpy() for t, v in forward(run, to_device(batch, run, keys)).items()}
