@@ -973,9 +973,10 @@ def parse_args(argv=None):
                        ("--bench", "time training steps of each --arch, print JSON lines")):
         p.add_argument(flag, action="store_true", default=None, help=text)
     args = p.parse_args(argv)
-    several = "," in args.arch
-    if several and not args.bench or args.arch == "guidance" and (args.bench or args.eval_only):
-        p.error("--arch guidance runs its stages (no --bench or --eval-only); a comma list of archs is for --bench")
+    if "," in args.arch and not args.bench:
+        p.error(f"--arch {args.arch}: a comma list of archs is for --bench (training takes one arch)")
+    if args.arch == "guidance" and (args.bench or args.eval_only):
+        p.error("--arch guidance runs its stages: it takes no --bench or --eval-only")
     if args.stage and args.arch != "guidance":
         p.error(f"--stage applies to --arch guidance only, not {args.arch}")
     if args.arch == "guidance" and args.dataset not in data.PLANNING:
