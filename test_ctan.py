@@ -1500,6 +1500,19 @@ def test_every_arch_trains_under_bf16_autocast_and_channels_last(synthetic, tmp_
 
 
 
+def test_forward_takes_a_compiled_model():
+    """torch.compile's module refuses len(), so `forward` must not take its truth value (--compile once crashed)."""
+    class Compiled(torch.nn.Module):  # like torch._dynamo's OptimizedModule
+        def __len__(self):
+            raise TypeError("Compiled does not support len()")
+
+        def forward(self, x):
+            return {"x": x}
+
+    run = SimpleNamespace(device=torch.device("cpu"), cfg={"precision": "fp32"}, model=None)
+    assert train.forward(run, {"image": torch.ones(3)}, Compiled())["x"].sum() == 3
+
+
 def test_transition_option_reaches_the_model(synthetic, tmp_path):
     sizes = {}
     for transition in ("block", "conv"):

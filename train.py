@@ -343,7 +343,7 @@ def to_device(batch, run, keys=None):
 def forward(run, batch, net=None):
     """The network on a batch's image, under bf16 autocast when cfg['precision'] is bf16."""
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg["precision"] == "bf16"):
-        return (net or run.model)(batch["image"])
+        return (run.model if net is None else net)(batch["image"])
 
 def all_reduce_mean(tensor, run):
     """Mean over the processes of a tensor on the model's device (NCCL serves CUDA tensors only)."""
