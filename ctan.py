@@ -36,19 +36,22 @@ def conv_norm(dims, cin, cout, k=3, stride=1, norm_kind="batch", act=True, dilat
     return [conv(dims, cin, cout, k, stride, dilation), norm(dims, cout, norm_kind)] + [nn.ReLU(inplace=True)] * act
 
 
+def blocks(x, factor):
+    """(B, C, *S) -> (B, C, S_1 / factor, factor, S_2 / factor, factor, ...): a view of x cut into blocks."""
+    return x.reshape(*x.shape[:2], *[v for n in x.shape[2:] for v in (n // factor, factor)])
+
+
 def avg_pool(x, factor):
     """Average-pool every spatial axis by ``factor`` (ceil mode), 2D or 3D."""
     return x if factor == 1 else (F.avg_pool2d if x.dim() == 4 else F.avg_pool3d)(x, factor, factor, ceil_mode=True)
 
 
-def add_upsampled(x, y):
-    """x + y upsampled (nearest) to x's size; where the sizes divide, y is broadcast over x's blocks instead of
-    materialising the upsampled map."""
-    big, small = x.shape[2:], y.shape[2:]
-    if any(n % m for n, m in zip(big, small)):
-        return x + F.interpolate(y, size=big, mode="nearest")
-    y = y.reshape(*y.shape[:2], *[v for m in small for v in (m, 1)])
-    return (x.reshape(*x.shape[:2], *[v for n, m in zip(big, small) for v in (m, n // m)]) + y).reshape(x.shape)
+def add_upsampled(x, y, factor):
+    """x + y upsampled by ``factor`` (nearest: y's value at each of x's blocks, the edge blocks cut to x's size);
+    where the factor divides the size, y is broadcast over x's blocks instead of materialising the upsampled map."""
+    if any(n % factor for n in x.shape[2:]):
+        return x + F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *[slice(n) for n in x.shape[2:]])]
+    return (blocks(x, factor) + blocks(y, 1)).reshape(x.shape)
 
 
 # Residual blocks and the shared encoder (ResNet; He et al. 2016) -----------------------------------------------------
@@ -62,7 +65,7 @@ class ResidualBlock(nn.Module):
                          nn.Sequential(*conv_norm(dims, cin, cout, 1, stride, norm_kind, act=False)))
 
     def forward(self, x):
-        return F.relu(self.body(x) + self.shortcut(x))
+        return (self.body(x) + self.shortcut(x)).relu_()
 
 
 class BasicBlock(ResidualBlock):
@@ -172,10 +175,10 @@ class TaskAttention(nn.Module):
         super().__init__()
         mid = max(1, cout // 4)
         self.mask = nn.Sequential(*conv_norm(dims, cin, mid, 1, 1, norm_kind),
-                                  *conv_norm(dims, mid, cout, 1, 1, norm_kind, act=False), nn.Sigmoid())
+                                  *conv_norm(dims, mid, cout, 1, 1, norm_kind, act=False))
 
-    def forward(self, u_b, u_t, a_prev=None):
-        return self.mask(u_b if a_prev is None else torch.cat([u_b, a_prev], 1)) * u_t
+    def forward(self, u_b, u_t, a_prev=None):  # the sigmoid overwrites the norm's output, which its backward skips
+        return self.mask(u_b if a_prev is None else torch.cat([u_b, a_prev], 1)).sigmoid_() * u_t
 
 
 class CrossTaskAttention(nn.Module):
@@ -214,8 +217,8 @@ class CrossTaskAttention(nn.Module):
             k, v = ([kv[i] for s, kv in enumerate(kvs) if s != t] for i in (0, 1))
             k, v = (x[0] if len(x) == 1 else torch.cat(x, 1) for x in (k, v))
             a = F.scaled_dot_product_attention(*[x.unflatten(2, (self.heads, -1)).transpose(1, 2) for x in (q, k, v)])
-            a = self.gate[t] * self.out[t](a.transpose(1, 2).flatten(2))
-            out.append(add_upsampled(f, a.transpose(1, 2).reshape((f if full else pooled[t]).shape)))
+            a = (self.gate[t] * self.out[t](a.transpose(1, 2).flatten(2))).transpose(1, 2)
+            out.append(add_upsampled(f, a.reshape((f if full else pooled[t]).shape), 1 if full else factor))
         return out
 
 
@@ -536,13 +539,14 @@ class Weighting(nn.Module):
     dwa: Dynamic Weight Average (MTAN; Liu, Johns, Davison 2019): w_k = T softmax_k(r_k / 2), r_k =
          L_k(e-1) / L_k(e-2) from the mean training losses of the last two epochs (w = 1 before).
     uncertainty: Kendall, Gal, Cipolla (2018): sum_k exp(-s_k) L_k / 2 + s_k / 2, s_k learnable.
-    mfe: MFE-UNet's L_seg + 0.25 L_cls: weight 1 for pixel-level tasks, 0.25 for ``image_tasks``.
-    Call ``end_epoch`` with the epoch's mean losses (DWA's history travels in the state_dict)."""
+    mfe: MFE-UNet's L_seg + 0.25 L_cls: weight 1 for pixel-level tasks, 0.25 for image-level ones.
+    tasks: {name: (kind, n_out)} as the networks take them. Call ``end_epoch`` with the epoch's mean losses (DWA's
+    history travels in the state_dict)."""
 
-    def __init__(self, method, tasks, temperature=2.0, image_tasks=()):
+    def __init__(self, method, tasks, temperature=2.0):
         super().__init__()
         self.method, self.tasks, self.temperature = method, list(tasks), temperature
-        self.image_tasks = set(image_tasks)
+        self.image_tasks = {name for name, (kind, _) in tasks.items() if kind == "image"}
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if method == "uncertainty" else None
         self.history = []  # mean training loss per task, one list per finished epoch (DWA)
 

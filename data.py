@@ -655,6 +655,10 @@ class H5Dataset(torch.utils.data.Dataset):
                              for key in dense})
         return {**item, "case": case, "slice": k, "id": self.ids[case]}
 
+    def labels(self, task) -> np.ndarray:
+        """The label of an image-level task for every case, read at once (no images)."""
+        return np.asarray(self._get(task, "all", slice(None)))
+
     def case(self, i) -> dict:
         """Case i whole, in stored units (HU, Gy, bool masks, int labels, str ids)."""
         if not 0 <= i < self.num_cases:

@@ -190,8 +190,8 @@ def test_mtan_masks_lie_in_unit_interval_and_multiply_shared_features():
     seen = []
     for s in range(4):
         for t in range(2):
-            model.attention[s][t].register_forward_hook(lambda m, inp, out: seen.append((m.mask(
-                inp[0] if inp[2] is None else torch.cat([inp[0], inp[2]], 1)), inp[1], out)))
+            model.attention[s][t].register_forward_hook(lambda m, inp, out: seen.append((torch.sigmoid(m.mask(
+                inp[0] if inp[2] is None else torch.cat([inp[0], inp[2]], 1))), inp[1], out)))
     model(tiny_input(2))
     assert len(seen) == 8
     for mask, shared, out in seen:
@@ -211,7 +211,8 @@ def reference_cross_attention(att, feats, factor, pool_queries=True):
         k, v = kv.chunk(2, -1)
         a = torch.nn.functional.scaled_dot_product_attention(heads(att.q[t](tok(t, fq))), heads(k), heads(v))
         a = att.out[t](a.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(fq.shape)
-        out.append(f + att.gate[t] * torch.nn.functional.interpolate(a, size=f.shape[2:], mode="nearest"))
+        up = torch.nn.functional.interpolate(a, scale_factor=factor if pool_queries else 1, mode="nearest")
+        out.append(f + att.gate[t] * up[..., :f.shape[2], :f.shape[3]])  # each block gets its own token's update
     return out
 
 
@@ -219,7 +220,8 @@ def reference_cross_attention(att, feats, factor, pool_queries=True):
 @pytest.mark.parametrize("pool_queries", [True, False])
 def test_cross_task_attention_pools_keys_to_bounded_tokens_and_matches_the_plain_formula(shape, factor, pool_queries):
     """Keys and values are pooled by powers of 2 to at most max_tokens; the computation equals the plain
-    per-task formula (including 10 x 40 pooled to 3 x 10, which does not divide the map)."""
+    per-task formula (including 10 x 40 pooled to 3 x 10, which does not divide the map: the update of the last
+    block, 2 rows, is that of the token pooled from those 2 rows)."""
     torch.manual_seed(0)
     att = ctan.CrossTaskAttention(channels=8, n_tasks=3, heads=2, max_tokens=64, gate_init=0.5,
                                   pool_queries=pool_queries)
@@ -1194,7 +1196,7 @@ def test_bce_dice_perfect_vs_wrong():
 
 
 def test_dwa_weights_by_hand():
-    w = ctan.Weighting("dwa", ["a", "b"])
+    w = ctan.Weighting("dwa", {"a": ("pixel", 1), "b": ("image", 2)})
     assert w.weights() == {"a": 1.0, "b": 1.0}  # first two epochs: equal
     w.end_epoch({"a": 1.0, "b": 2.0})
     w.end_epoch({"a": 0.5, "b": 2.0})  # ratios 0.5 and 1.0, temperature 2
@@ -1203,7 +1205,7 @@ def test_dwa_weights_by_hand():
     assert got["a"] == pytest.approx(2 * ea / (ea + eb)) and got["b"] == pytest.approx(2 * eb / (ea + eb))
     total = w({"a": torch.tensor(1.0), "b": torch.tensor(3.0)})
     assert total.item() == pytest.approx(got["a"] + 3 * got["b"], rel=1e-6)
-    restored = ctan.Weighting("dwa", ["a", "b"])
+    restored = ctan.Weighting("dwa", {"a": ("pixel", 1), "b": ("image", 2)})
     restored.load_state_dict(w.state_dict())  # the history travels in the checkpoint
     assert restored.weights() == got
 
@@ -1217,7 +1219,7 @@ def test_best_checkpoint_rule():
 
 
 def test_mfe_weighting_is_seg_plus_quarter_cls_and_the_default_for_mfe():
-    w = ctan.Weighting("mfe", ["segmentation", "diagnosis"], image_tasks=["diagnosis"])
+    w = ctan.Weighting("mfe", {"segmentation": ("pixel", 1), "diagnosis": ("image", 7)})
     assert w({"segmentation": torch.tensor(2.0), "diagnosis": torch.tensor(4.0)}).item() == pytest.approx(2 + 0.25 * 4)
     for arch, extra, want in (("mfe", [], "mfe"), ("mfe", ["--weighting", "dwa"], "dwa"), ("ctan", [], "equal")):
         args = train.parse_args(["--dataset", "ham10000", "--arch", arch, "--device", "cpu", *extra])
@@ -1225,7 +1227,7 @@ def test_mfe_weighting_is_seg_plus_quarter_cls_and_the_default_for_mfe():
 
 
 def test_uncertainty_weighting_is_learnable():
-    w = ctan.Weighting("uncertainty", ["a", "b"])
+    w = ctan.Weighting("uncertainty", {"a": ("pixel", 1), "b": ("image", 2)})
     losses = {"a": torch.tensor(2.0), "b": torch.tensor(4.0)}
     assert w(losses).item() == pytest.approx(0.5 * 2 + 0.5 * 4)  # s = 0
     with torch.no_grad():
@@ -1284,13 +1286,25 @@ def _fails(argv, capsys, *expected, code=2):
     return err
 
 
-def test_resume_is_exact(synthetic, tmp_path):
+def test_class_weights_are_inverse_label_frequencies(synthetic):
+    ds = data.open_dataset(synthetic["ham10000"], "train")
+    labels = [ds.case(i)["diagnosis"] for i in range(ds.num_cases)]
+    assert ds.labels("diagnosis").tolist() == labels  # read at once, without the images
+    counts = np.bincount(labels, minlength=7)
+    want = np.where(counts > 0, 1 / np.maximum(counts, 1), 0.0)
+    got = train.class_weights_from(ds, {"segmentation": ("pixel", 1), "diagnosis": ("image", 7)}, "cpu")
+    assert list(got) == ["diagnosis"] and np.allclose(got["diagnosis"].numpy(), want / want[want > 0].mean())
+
+
+def test_resume_is_exact(synthetic, tmp_path, monkeypatch):
     """1 epoch + resume to 2 == 2 epochs straight: same weights (model and the learnable uncertainty
-    weights), optimizer state, metrics."""
+    weights), optimizer state, metrics; best.pt is written again if an interrupt came just before it."""
+    monkeypatch.setattr(train, "better", lambda value, best, key: best is None)  # epoch 1 stays the best
     args = ["--arch", "ctan", "--epochs", "2", "--weighting", "uncertainty", "--seed", "5"]
     straight = train.main(_argv(synthetic, tmp_path / "a") + args)
     stopped = train.main(_argv(synthetic, tmp_path / "b") + args + ["--stop-after", "1"])
     assert stopped["stopped_after"] == 1 and torch.load(tmp_path / "b" / "last.pt")["epoch"] == 1
+    (tmp_path / "b" / "best.pt").unlink()  # as if interrupted between last.pt and best.pt: --resume writes it again
     resumed = train.main(["--resume", "--out", str(tmp_path / "b"), "--dataset", "openkbp", "--arch", "ctan"])
     a, b = (torch.load(tmp_path / d / "last.pt") for d in "ab")  # weights_only: tensors and plain values
     assert a["epoch"] == b["epoch"] == 2 and b["config"]["width"] == 4  # the settings came from last.pt
@@ -1332,8 +1346,11 @@ def test_outputs_and_delta_mtl_against_the_matching_stl_run(synthetic, tmp_path,
     assert [p.name for p in (out / "predictions").glob("*.png")] == ["syn_val_000.png"]  # first val case
     last = torch.load(out / "last.pt")
     assert {"model", "optimizer", "scheduler", "weighting", "epoch", "rng", "config", "best"} <= set(last)
-    again = train.main(_argv(synthetic, out, "openkbp", "hps", "--eval-only", str(out / "best.pt")))
+    argv = _argv(synthetic, out, "openkbp", "hps", "--eval-only", str(out / "best.pt"))
+    del argv[argv.index("--batch-size"):argv.index("--batch-size") + 2]
+    again = train.main(argv)
     assert json.dumps(again["test"]) == json.dumps(res["test"]) and (out / "results_eval.json").exists()
+    assert again["config"]["batch_size"] == 4  # the checkpoint's, not the table's (a 3D model: not the 2D batch)
 
 
 def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
@@ -1386,6 +1403,7 @@ def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps") + ["--transition", "conv"], "applies to mtan and ctan"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps,ctan"), "for --bench"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "ctan", "--stage", "b"), "--arch guidance only"),
+        (_argv(synthetic, tmp_path / "x", "stoic", "hps", "--batch-size", "1"), "--batch-size 2"),  # 32^3: 1 voxel
     ]
     for argv, expected in cases:
         _fails(argv, capsys, "error: ", expected)
@@ -1428,6 +1446,9 @@ def test_ctrl_c_stops_with_one_line_and_says_what_was_saved(synthetic, tmp_path,
         calls.clear()
         monkeypatch.setattr(train, "train_step", step)
 
+    monkeypatch.setattr(train, "check_out", lambda cfg, log: (_ for _ in ()).throw(KeyboardInterrupt))
+    _fails(_argv(synthetic, tmp_path / "a", "openkbp", "hps"), capsys, "nothing was saved", code=130)  # at start
+    monkeypatch.undo()
     interrupted_at(2)  # in epoch 1: nothing to resume, no folder left behind
     _fails(_argv(synthetic, tmp_path / "a", "openkbp", "hps", "--epochs", "2"), capsys, "nothing was saved", code=130)
     assert not (tmp_path / "a").exists()
@@ -1540,6 +1561,26 @@ def test_bench_times_several_archs_with_flops(synthetic, tmp_path, capsys):
     assert result["ratios"]["ctan"]["flops"] == pytest.approx(ctn["gflop_per_step"] / hps["gflop_per_step"], rel=1e-2)
     assert hps["hdf5"]["input"] == [2, 3, 32, 32] and 0 <= hps["hdf5"]["data_wait_fraction"] <= 1
     assert not (tmp_path / "bench").exists()  # a benchmark writes no run
+
+
+def test_bench_with_compile_times_the_compiled_model(synthetic, tmp_path, monkeypatch):
+    """torch.compile never compiles code first called under a dispatch mode such as FlopCounterMode: --bench counts
+    FLOPs on the eager model and calls the compiled one outside any mode (it once timed eager steps as compiled)."""
+    modes = []
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's module: records the mode of every call
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            modes.append(torch.utils._python_dispatch._get_current_dispatch_mode())
+            return self.net(x)
+
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: Compiled(net))
+    argv = _argv(synthetic, tmp_path / "b", "openkbp", "hps") + ["--bench", "--compile", "--steps", "1", "--data", "none"]
+    hps = train.main(argv + ["--batch-size", "2"])["results"][0]
+    assert hps["compile"] is True and hps["gflop_per_step"] > 0 and modes and set(modes) == {None}
 
 
 DDP_SPY = """

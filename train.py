@@ -288,9 +288,7 @@ def make_run(cfg, model, splits, steps_per_epoch=None):
         import torch._inductor.config as inductor_config
         inductor_config.fallback_random = True  # dropout draws as in eager mode: the same losses
         net = torch.compile(net, dynamic=False)
-    tasks = cfg["tasks"]
-    image_tasks = [t for t in tasks if tasks[t][0] == "image"]
-    weighting = ctan.Weighting(cfg["weighting"], tasks, image_tasks=image_tasks).to(device)
+    weighting = ctan.Weighting(cfg["weighting"], cfg["tasks"]).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(weighting.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=device.type == "cuda")
     steps_per_epoch = steps_per_epoch or min(max(1, len(splits["train"]) // (cfg["batch_size"] * world)),
@@ -300,25 +298,24 @@ def make_run(cfg, model, splits, steps_per_epoch=None):
                           scheduler=scheduler, steps_per_epoch=steps_per_epoch, class_weights=None, rank=rank,
                           world=world, **{f"{s}_ds": ds for s, ds in (splits or {}).items()})
     if splits:
-        run.class_weights = class_weights_from(splits["train"], tasks, device) if cfg["class_weights"] else None
-        init_output_bias(model, splits["train"], tasks, n_items=64 if cfg["dims"] == 2 else 8)
+        run.class_weights = class_weights_from(splits["train"], cfg["tasks"], device) if cfg["class_weights"] else None
+        init_output_bias(model, splits["train"], cfg["tasks"], n_items=64 if cfg["dims"] == 2 else 8)
     return run
 
 def class_weights_from(ds, tasks, device):
     """Inverse-frequency class weights (mean 1 over the classes present) of each classification task."""
     out = {}
     for t in (t for t in tasks if TASKS[t][0] == "ce"):
-        counts = np.bincount([ds.case(i)[t] for i in range(ds.num_cases)], minlength=tasks[t][1])
+        counts = np.bincount(ds.labels(t), minlength=tasks[t][1])
         w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 0.0)
         out[t] = torch.tensor(w / w[w > 0].mean(), dtype=torch.float32, device=device)
     return out
 
 @torch.no_grad()
 def init_output_bias(model, ds, tasks, n_items=64):
-    """Prior initialisation of the pixel heads' output bias (ours; the prior of Lin et al., ICCV 2017):
-    segmentation logits start at the mean foreground fraction per channel, dose at the mean scaled
-    dose in the possible-dose mask, from n_items training items spread over the split. Without it
-    small ROIs (0.1-1 % of voxels) take thousands of steps just to move the bias to about -6."""
+    """Prior initialisation of the pixel heads' output bias (ours; Lin et al., ICCV 2017): segmentation logits
+    at the mean foreground fraction per channel, dose at the mean scaled dose in the possible-dose mask, from
+    n_items training items. Without it small ROIs (0.1-1 % of voxels) take thousands of steps to reach ~-6."""
     tasks = [t for t in tasks if TASKS[t][0] in ("bce_dice", "dose_l1") and t in getattr(model, "heads", {})]
     items = [ds[int(i)] for i in np.unique(np.linspace(0, len(ds) - 1, min(n_items, len(ds))).round())] if tasks else []
     for t in tasks:
@@ -410,6 +407,8 @@ def fit(run, log=print):
             getattr(run, part).load_state_dict(ck[part])
         torch.set_rng_state(ck["rng"])
         start, best = ck["epoch"], ck["best"]
+        if run.rank == 0 and best["epoch"] == start:  # best.pt may not have been written after last.pt
+            atomic_write({"model": ck["model"], "epoch": start, "config": ck["config"]}, out / "best.pt")
         if run.rank == 0 and jsonl.exists():  # the epochs after last.pt's are done again
             kept = [line for line in jsonl.read_text().splitlines() if json.loads(line)["epoch"] <= start]
             atomic_write("".join(line + "\n" for line in kept), jsonl)
@@ -425,10 +424,11 @@ def fit(run, log=print):
                 log(f"WARNING: validation {note}")
             if better(val[select], best["value"], select):
                 best = {"epoch": epoch, "value": val[select], "metrics": val}
-                atomic_write({"model": run.model.state_dict(), "epoch": epoch, "config": cfg}, out / "best.pt")
             atomic_write({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                           "scheduler": run.scheduler.state_dict(), "weighting": run.weighting.state_dict(),
                           "epoch": epoch, "best": best, "rng": torch.get_rng_state(), "config": cfg}, out / "last.pt")
+            if best["epoch"] == epoch:  # after last.pt: an interrupt in between is repaired on --resume
+                atomic_write({"model": run.model.state_dict(), "epoch": epoch, "config": cfg}, out / "best.pt")
             record = {"epoch": epoch, **stats, "weights": run.weighting.weights(),
                       "lr": run.optimizer.param_groups[0]["lr"], "val": val}
             with jsonl.open("a") as f:
@@ -599,9 +599,9 @@ def atomic_write(obj, path):
     finally:
         tmp.unlink(missing_ok=True)
 
-def load_checkpoint(path):
-    """A train.py checkpoint (tensors and plain values only: weights_only loading); one line if it
-    is missing, truncated or not ours."""
+def load_checkpoint(path, model=None):
+    """A train.py checkpoint (tensors and plain values only: weights_only loading), its weights loaded
+    into `model` if one is given; one line if it is missing, truncated, not ours or another model's."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -611,15 +611,17 @@ def load_checkpoint(path):
                         "it is truncated or damaged; use another one or train again") from None
     if not isinstance(ck, dict) or not {"model", "config", "epoch"} <= set(ck):
         raise UserError(f"{path} is not a train.py checkpoint (it lacks model, config or epoch)")
+    try:
+        if model is not None:
+            model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} holds another model ({str(e).splitlines()[0]}): use the --width/--depth/--dims "
+                        "it was made with, or another checkpoint") from None
     return ck
 
 def test(run, ckpt_path, log=print):
     """(metrics, epoch, notes) on the test split with the weights of ckpt_path (best.pt: picked on validation)."""
-    ck = load_checkpoint(ckpt_path)
-    try:
-        run.model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise UserError(f"{ckpt_path} holds another model ({str(e).splitlines()[0]})") from None
+    ck = load_checkpoint(ckpt_path, run.model)
     metrics, notes = evaluate(run, run.test_ds)
     keys = [k for t in run.cfg["tasks"] for k in TASKS[t][1]]
     log(f"test ({Path(ckpt_path).name}, epoch {ck['epoch']}): " + " ".join(f"{k} {metrics[k]:.4f}" for k in keys))
@@ -692,11 +694,7 @@ def load_stage(cfg, entry, n_rois):
         raise UserError(f"{path} not found: stage {entry[0]} makes it; run `python train.py --dataset {cfg['dataset']} "
                         f"--arch guidance --stage {entry[0]} --data {cfg['data']} --out {cfg['guidance_out']}` first")
     model = stage_model(cfg, entry, n_rois)
-    try:
-        model.load_state_dict(load_checkpoint(path)["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} was made with other options ({str(e).splitlines()[0]}): use its "
-                        "--width/--depth/--dims, or another --out") from None
+    load_checkpoint(path, model)
     return model.eval().requires_grad_(False)
 
 def run_guidance(cfg, log=print):
@@ -781,8 +779,9 @@ def bench(cfg, log=print):
     for run in runs:
         torch.cuda.reset_peak_memory_stats() if cuda else None
         resident = torch.cuda.memory_allocated() if cuda else 0  # the other archs' weights and optimizer states
-        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-            timed_step(run, lambda: batch)  # forward, backward (counted) and AdamW
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:  # eager: torch.compile would
+            train_step(SimpleNamespace(**{**vars(run), "net": run.model}), batch)  # skip code first run under a mode
+        timed_step(run, lambda: batch)  # the first step of what is timed (--compile: compiled here)
         run.flops, run.peak = counter.get_total_flops(), (torch.cuda.max_memory_allocated() - resident) / 2**30
     log(f"bench: {', '.join(archs)} on random {shape} ({cfg['device']}, {cfg['precision']}), {warmup} + {steps} steps "
         "each, interleaved")
@@ -815,12 +814,9 @@ def bench(cfg, log=print):
                               "workers": cfg["workers"], "samples_per_s": round(steps * shape[0] / total, 2),
                               "data_wait_fraction": round(wait / total, 4),
                               "loader_samples_per_s": round(steps * shape[0] / (time.perf_counter() - t), 2)}
-    ratios = {}
-    for r in results:
-        time_ratio = r["ms_per_step"] / results[0]["ms_per_step"]
-        flop_ratio = r["gflop_per_step"] / results[0]["gflop_per_step"]
-        ratios[r["arch"]] = {"time": round(time_ratio, 3), "flops": round(flop_ratio, 3),
-                             "time_over_flops": round(time_ratio / flop_ratio, 3)}
+    ms, gflop = (np.array([r[key] for r in results]) for key in ("ms_per_step", "gflop_per_step"))
+    ratios = {r["arch"]: {"time": round(t, 3), "flops": round(f, 3), "time_over_flops": round(t / f, 3)}
+              for r, t, f in zip(results, ms / ms[0], gflop / gflop[0])}
     for line in results + [{"ratios_vs": archs[0], "ratios": ratios}]:
         print(json.dumps(line), flush=True)
     return {"results": results, "ratios": ratios}
@@ -849,11 +845,13 @@ def check_out(cfg, log):
 
 def checkpoint_config(cfg, args):
     """--resume: the run's settings come from its last.pt (a guidance run's: its first stage's);
-    --eval-only: the model's settings come from the checkpoint. A given option that differs is an error."""
+    --eval-only: the model's settings (and batch size, unless given) come from the checkpoint. A given option
+    that differs is an error."""
     path = Path(cfg["eval_only"]) if cfg.get("eval_only") else min(Path(cfg["out"]).glob("**/last.pt"))
     ck_cfg = load_checkpoint(path)["config"]
     ck_cfg["arch"] = ck_cfg["arch"].split()[0]  # "guidance a_inferior" -> "guidance"
-    keys = MODEL_KEYS if cfg.get("eval_only") else [k for k in ck_cfg if k not in RUNTIME_KEYS]
+    batch = () if args.batch_size else ("batch_size",)  # --eval-only: the batch it trained with (3D: not 2D's)
+    keys = MODEL_KEYS + batch if cfg.get("eval_only") else [k for k in ck_cfg if k not in RUNTIME_KEYS]
     for key in keys:
         if getattr(args, key, None) is not None and json.dumps(getattr(args, key)) != json.dumps(ck_cfg[key]):
             raise UserError(f"{path} was made with {key}={ck_cfg[key]!r}, not {getattr(args, key)!r}: leave that "
@@ -862,6 +860,8 @@ def checkpoint_config(cfg, args):
 
 def experiment(cfg, model, splits, log=print):
     """Train a model with `fit`, test best.pt and write results.json: every arch and guidance stage."""
+    if min(cfg["batch_size"], len(splits["train"])) == 1 and np.prod(splits["train"].spatial) == 32 ** cfg["dims"]:
+        raise UserError("a batch of 1 item meets a 1-voxel bottleneck, too little for BatchNorm: use --batch-size 2+")
     run = make_run(cfg, model, splits)
     log(f"{cfg['arch']} on {cfg['dataset']} ({cfg['dims']}D, {cfg['device']}, {cfg['precision']}): "
         f"{ctan.count_parameters(model) / 1e6:.2f}M parameters, {len(splits['train'])} training items, "
@@ -881,18 +881,18 @@ def run_training(args, log=print):
     cfg, (rank, world, local_rank) = resolve_config(args), distributed()
     if world > 1 and (cfg.get("bench") or cfg["arch"] == "guidance" or cfg.get("eval_only")):
         raise UserError("--bench, --eval-only and --arch guidance run in one process: start them without torchrun")
-    if cfg.get("bench"):
-        return bench(cfg, log)
     log = log if rank == 0 else (lambda *a, **k: None)
-    check_out(cfg, log)
-    cfg = checkpoint_config(cfg, args) if cfg["resume"] or cfg.get("eval_only") else cfg
     out, fresh = Path(cfg["out"]), not Path(cfg["out"]).exists()
-    if world > 1:
-        if cfg["device"] == "cuda":
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl" if cfg["device"] == "cuda" else "gloo",
-                                             timeout=datetime.timedelta(hours=2))
     try:
+        if cfg.get("bench"):
+            return bench(cfg, log)
+        check_out(cfg, log)
+        cfg = checkpoint_config(cfg, args) if cfg["resume"] or cfg.get("eval_only") else cfg
+        if world > 1:
+            if cfg["device"] == "cuda":
+                torch.cuda.set_device(local_rank)
+            torch.distributed.init_process_group("nccl" if cfg["device"] == "cuda" else "gloo",
+                                                 timeout=datetime.timedelta(hours=2))
         if cfg["arch"] == "guidance":
             return run_guidance(cfg, log)
         splits = open_splits(cfg, log)
@@ -908,7 +908,7 @@ def run_training(args, log=print):
         raise UserError(f"interrupted: {saved[-1]} holds the last finished epoch; continue with --resume" if saved
                         else "interrupted: nothing was saved (no epoch had finished)") from KeyboardInterrupt()
     finally:
-        if world > 1:
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 class Parser(argparse.ArgumentParser):
