@@ -1350,7 +1350,7 @@ def test_outputs_and_delta_mtl_against_the_matching_stl_run(synthetic, tmp_path,
     del argv[argv.index("--batch-size"):argv.index("--batch-size") + 2]
     again = train.main(argv)
     assert json.dumps(again["test"]) == json.dumps(res["test"]) and (out / "results_eval.json").exists()
-    assert again["config"]["batch_size"] == 4  # the checkpoint's, not the table's (a 3D model: not the 2D batch)
+    assert again["config"]["batch_size"] == 4  # the checkpoint's, not the table's (3D: not the 2D default)
 
 
 def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
@@ -1456,6 +1456,9 @@ def test_ctrl_c_stops_with_one_line_and_says_what_was_saved(synthetic, tmp_path,
     _fails(_argv(synthetic, tmp_path / "b", "openkbp", "hps", "--epochs", "2"), capsys, "last.pt", "--resume", code=130)
     monkeypatch.setattr(train, "train_step", real)
     assert train.main(_argv(synthetic, tmp_path / "b", "openkbp", "hps", "--epochs", "2", "--resume"))["test_epoch"]
+    monkeypatch.setattr(train, "bench", lambda cfg, log: (_ for _ in ()).throw(KeyboardInterrupt))
+    _fails(_argv(synthetic, tmp_path / "b", "openkbp", "hps", "--bench"), capsys, "nothing was saved", code=130)
+    assert (tmp_path / "b" / "last.pt").exists()  # a benchmark stopped in a run's folder names no last.pt, removes none
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic, tmp_path, capsys, monkeypatch):
@@ -1578,7 +1581,7 @@ def test_bench_with_compile_times_the_compiled_model(synthetic, tmp_path, monkey
             return self.net(x)
 
     monkeypatch.setattr(torch, "compile", lambda net, **kw: Compiled(net))
-    argv = _argv(synthetic, tmp_path / "b", "openkbp", "hps") + ["--bench", "--compile", "--steps", "1", "--data", "none"]
+    argv = _argv(synthetic, tmp_path / "b", "openkbp", "hps", "--bench", "--compile", "--steps", "1", "--data", "none")
     hps = train.main(argv + ["--batch-size", "2"])["results"][0]
     assert hps["compile"] is True and hps["gflop_per_step"] > 0 and modes and set(modes) == {None}
 

@@ -615,8 +615,8 @@ def load_checkpoint(path, model=None):
         if model is not None:
             model.load_state_dict(ck["model"])
     except RuntimeError as e:
-        raise UserError(f"{path} holds another model ({str(e).splitlines()[0]}): use the --width/--depth/--dims "
-                        "it was made with, or another checkpoint") from None
+        raise UserError(f"{path} holds another model ({str(e).splitlines()[0]}): it was made with other model "
+                        "options or another data file (its config is stored in it)") from None
     return ck
 
 def test(run, ckpt_path, log=print):
@@ -902,13 +902,13 @@ def run_training(args, log=print):
             return report(run, metrics, None, epoch, notes, log, name="results_eval.json")
         return experiment(cfg, build_model(cfg, cfg["tasks"], splits["train"].in_channels), splits, log)
     except KeyboardInterrupt:
-        saved = sorted(out.glob("**/last.pt"), key=os.path.getmtime)
+        saved = [] if cfg.get("bench") else sorted(out.glob("**/last.pt"), key=os.path.getmtime)
         if not saved and fresh:
             shutil.rmtree(out, ignore_errors=True)
         raise UserError(f"interrupted: {saved[-1]} holds the last finished epoch; continue with --resume" if saved
                         else "interrupted: nothing was saved (no epoch had finished)") from KeyboardInterrupt()
     finally:
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 class Parser(argparse.ArgumentParser):
