@@ -455,8 +455,8 @@ def predict(run, ds):
     n_slices, pending = len(base) // max(base.num_cases, 1), {}
     loader = torch.utils.data.DataLoader(ds, batch_size=4 * run.cfg["batch_size"], num_workers=run.cfg["workers"],
                                          generator=torch.Generator())  # no gradients: 4x the batch; no global RNG
+    keys = ("image", "structures") if run.cfg.get("superior_input") else ("image",)
     for batch in loader:
-        keys = ("image", "structures") if run.cfg.get("superior_input") else ("image",)
         out = {t: v.float().cpu().numpy() for t, v in forward(run, to_device(batch, run, keys)).items()}
         for j, (c, k) in enumerate(zip(batch["case"].tolist(), batch["slice"].tolist())):
             if k < 0:
