@@ -1,10 +1,36 @@
-"""Cross-Task Attention Network (CTAN; Kim, Purdie, McIntosh, MICCAI 2023 Workshops, arXiv 2309.03837) and baselines.
+"""Cross-Task Attention Network (CTAN; Kim, Purdie, McIntosh, MICCAI 2023 Workshops, arXiv 2309.03837) for
+multi-task learning in medical imaging, its baselines and two related systems, in one file that needs torch only.
 
-We lack the paper's full text (we have its abstract and summaries): each module says whether a choice is **from
-the paper** (or the baseline's paper) or **ours**, and each choice of ours is an argument. Networks map x (B, C, *S),
-2D or 3D, to {task: output}: (B, n_out, *S) for pixel-level tasks, (B, n_out) for image-level ones. Torch only.
+CTAN's data flow, in the notation used throughout (tasks t = 1..T, encoder stages s = 1..4, always 1-based):
+    x (B, C_in, *S), 2D or 3D  ->  shared encoder: stem, then stages s giving shared features p^s
+    task-specific features (MTAN's attention):  a_t^s = m_t^s * p^s,  m_t^s = mask_t^s([p_b^s ; g^s(a_t^(s-1))])
+        p_b^s: the shared features before stage s's last block; g^s: the transition into stage s
+    cross-task attention after stage s:  a_t^s <- a_t^s + gamma_t up(W_o^t MHA(q_t, k_t, v_t)), where task t's
+        queries q_t come from its own a_t^s and its keys and values k_t, v_t from every other task's a_r^s
+    task heads: task t reads [stem, a_t^1 .. a_t^4]: a U-Net decoder (pixel-level) or pooling + MLP (image-level)
+
+Provenance: we have the paper's abstract and its authors' follow-up (arXiv 2411.18767), not its full text. From
+the paper: a shared encoder, cross-task attention (a task's queries, the other tasks' keys and values), a decoder
+per pixel-level task, the baselines STL, HPS, MTAN. Ours (inferred, each an argument): the task features are MTAN's
+masks and transitions (so CTAN vs MTAN isolates the exchange), pooling, heads, widths. Each class says whose is what.
+
+Map of the file:
+    CrossTaskAttention, TaskAttention        the attention: CTAN's exchange, MTAN's task masks it builds on
+    MultiTaskNet, MTAN, CTAN, STL, HPS       the networks: CTAN, the paper's baselines
+    ResNetEncoder (and the encoder protocol), PixelDecoder, ImageClassifier, dimension-generic layers
+    MFEUNet; GuidanceObjective, GuidedModel  related systems: MFE-UNet; deep multimodal guidance
+    Weighting, build_model                   task-loss weighting; the factory with every size option
+
+Usage (outputs are raw: logits for segmentation and classification, unscaled values for regression):
+    tasks = {"dose": ("pixel", 1), "diagnosis": ("image", 3)}   # {name: (kind, n_out)}, kind "pixel" or "image"
+    model = build_model("ctan", tasks, in_channels=1, dims=2, width=16, depth=(2, 2, 2, 2))
+    out = model(torch.randn(8, 1, 128, 128))   # {"dose": (8, 1, 128, 128), "diagnosis": (8, 3)}; sizes % 32 == 0
+    weighting = Weighting("equal", tasks)      # give weighting.parameters() to the optimiser too
+    loss = weighting({"dose": F.l1_loss(out["dose"], dose), "diagnosis": F.cross_entropy(out["diagnosis"], y)})
 """
+import inspect
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -13,51 +39,217 @@ from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("stl", "hps", "mtan", "ctan", "mfe")
 TASK_KINDS = ("pixel", "image")
+NORMS = ("batch", "group", "instance")
 
+# The attention: CTAN's cross-task attention, and MTAN's task masks it builds on -------------------------------------
+class CrossTaskAttention(nn.Module):
+    """Cross-task attention at one stage (the paper's idea: each task queries the other tasks' features). For every
+    task t, with a_t (B, C, *S) its features and P an average pooling into N tokens:
+        q_t = W_q^t LN(P a_t) + b_q^t                    queries: task t's own tokens (B, N, D)
+        k_t, v_t = W_kv^r LN(P a_r), for every r != t    keys and values: the other tasks' tokens, concatenated into
+                                                         one sequence (B, (T-1) N, D): one softmax over all of them
+        a_t <- a_t + gamma_t up(W_o^t MHA(q_t, k_t, v_t) + b_o^t)   multi-head attention, a gated residual update
+    From the paper: queries from a task, keys and values from the others. Ours (arguments): ``attention_heads``;
+    the inner width D = channels // reduction rounded down to a multiple of the heads (at least one per head);
+    P pools by powers of 2 until at most ``max_tokens`` tokens remain (None: no pooling), which bounds the cost
+    in 3D, and up() gives each pooled block its token's update; gamma_t starts at ``gate_init``; LN has no affine
+    and W_kv no bias (W would absorb the affine; softmax ignores a key bias, a value bias only shifts b_o); all T
+    tasks run at once, their weights stacked."""
+    def __init__(self, channels, n_tasks, attention_heads=4, reduction=4, max_tokens=512, gate_init=0.1):
+        super().__init__()
+        for name, value in (("channels", channels), ("attention_heads", attention_heads), ("reduction", reduction)):
+            check_arg(name, value, is_int, "an integer >= 1")
+        check_arg("n_tasks", n_tasks, lambda v: is_int(v, 2), ">= 2: ctan needs at least two tasks")
+        check_arg("max_tokens", max_tokens, lambda v: v is None or is_int(v), "an integer >= 1 or None (no limit)")
+        check_arg("gate_init", gate_init, is_real, "a finite number")
+        self.attention_heads, self.max_tokens = attention_heads, max_tokens
+        self.inner = max(attention_heads, channels // reduction // attention_heads * attention_heads)  # D
+        n, c, d = n_tasks, channels, self.inner
+        self.w_q, self.b_q = uniform((n, c, d), c), uniform((n, 1, d), c)  # W_q^t, b_q^t
+        self.w_kv = uniform((n, c, 2 * d), c)  # W_kv^t: task t's keys and values, for the other tasks
+        self.w_o, self.b_o = uniform((n, d, c), d), uniform((n, 1, c), d)  # W_o^t, b_o^t
+        self.gate = nn.Parameter(torch.full((n_tasks, 1, 1), float(gate_init)))  # gamma_t
+        others = [[r for r in range(n_tasks) if r != t] for t in range(n_tasks)]
+        self.register_buffer("others", torch.tensor(others), persistent=False)  # (T, T-1): whom t attends to
 
-# Dimension-generic layers --------------------------------------------------------------------------------------------
-def conv(dims, cin, cout, k=3, stride=1, dilation=1, bias=False):
-    """A 2D or 3D convolution with 'same' padding for odd kernels."""
-    return (nn.Conv2d if dims == 2 else nn.Conv3d)(cin, cout, k, stride, dilation * (k // 2), dilation, bias=bias)
+    def pool_factor(self, spatial):
+        """The power of 2 that pools ``spatial`` to at most max_tokens tokens."""
+        factor = 1
+        while self.max_tokens and math.prod([-(-s // factor) for s in spatial]) > self.max_tokens:
+            factor *= 2
+        return factor
 
+    def forward(self, a):  # a: T maps (B, C, *S) -> T maps (B, C, *S)
+        n, (b, c, *spatial), h, d = len(a), a[0].shape, self.attention_heads, self.inner
+        x = torch.cat(a)  # (T*B, C, *S)
+        factor = self.pool_factor(spatial)
+        pooled = avg_pool(x, factor)  # (T*B, C, *S'), S' = S / factor: N tokens per task and case
+        z = F.layer_norm(pooled.movedim(1, -1), (c,)).view(n, -1, c)  # (T, B*N, C): LN over C of each token
+        q = torch.baddbmm(self.b_q, z, self.w_q).view(n * b, -1, h, d // h).transpose(1, 2)  # (T*B, h, N, D/h)
+        kv = torch.bmm(z, self.w_kv).view(n, b, -1, 2, h, d // h)[self.others]  # (T, T-1, B, N, 2, h, D/h): others'
+        k, v = kv.permute(4, 0, 2, 5, 1, 3, 6).reshape(2, n * b, h, -1, d // h)  # (T*B, h, (T-1)*N, D/h) each
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, d)  # (T, B*N, D)
+        u = torch.baddbmm(self.b_o, o, self.w_o) * self.gate  # (T, B*N, C): gamma_t (W_o^t MHA(...) + b_o^t)
+        u = u.view(n * b, *pooled.shape[2:], c).movedim(-1, 1)  # (T*B, C, *S')
+        return add_upsampled(x, u, factor).chunk(n)  # T maps (B, C, *S)
 
-def norm(dims, channels, kind="batch"):
-    """Batch norm as in ResNet (from ResNet); group and instance norm are our options for small 3D batches."""
-    layers = {"batch": lambda: (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels),
-              "group": lambda: nn.GroupNorm(math.gcd(32, channels), channels),
-              "instance": lambda: (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)}
-    if kind not in layers:
-        raise ValueError(f"norm must be one of {tuple(layers)}, got {kind!r}")
-    return layers[kind]()
+def uniform(shape, fan_in):
+    """A parameter drawn as nn.Linear draws its weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return nn.Parameter(torch.empty(shape).uniform_(-fan_in ** -0.5, fan_in ** -0.5))
 
+class TaskAttention(nn.Module):
+    """MTAN's attention module for one task and stage (from MTAN; Liu, Johns, Davison, CVPR 2019): the soft mask
+    m_t^s = sigmoid(BN(conv1x1(ReLU(BN(conv1x1([p_b^s ; g^s(a_t^(s-1))])))))) (p_b^s alone at stage 1) selects
+    task t's features from the stage's shared output: a_t^s = m_t^s * p^s."""
+    def __init__(self, dims, cin, cout, norm_kind="batch"):
+        super().__init__()
+        mid = max(1, cout // 4)
+        self.mask = nn.Sequential(*conv_norm(dims, cin, mid, 1, 1, norm_kind),
+                                  *conv_norm(dims, mid, cout, 1, 1, norm_kind, act=False))
 
-def conv_norm(dims, cin, cout, k=3, stride=1, norm_kind="batch", act=True, dilation=1):
-    """conv -> norm (-> ReLU), as a list of layers to splice into an ``nn.Sequential``."""
-    return [conv(dims, cin, cout, k, stride, dilation), norm(dims, cout, norm_kind)] + [nn.ReLU(inplace=True)] * act
+    def forward(self, p_b, p, a_prev=None):  # (B, C, *S) each -> a_t^s (B, C, *S)
+        m = self.mask(p_b if a_prev is None else torch.cat([p_b, a_prev], 1))
+        return m.sigmoid_() * p  # in place: the norm's backward does not read its output
 
+# The networks: the common base, MTAN, CTAN, then the baselines STL and HPS ------------------------------------------
+class MultiTaskNet(nn.Module):
+    """Base of every network (ours): checks the tasks, builds the encoder (``encoder``: a module or a function
+    returning one, see ResNetEncoder for the protocol; default ResNet-50) and one head per task (``make_head``).
+    Subclasses define ``features(x) -> {task: [maps, shallow to deep]}``; forward maps x (B, C_in, *S) to
+    {task: (B, n_out, *S) for pixel-level tasks, (B, n_out) for image-level ones}."""
+    size_multiple = 32  # the default encoder halves the size five times
+    per_task_encoders = False  # STL: one encoder per task
+    needs = ("channels",)  # what features() uses of the encoder
 
-def blocks(x, factor):
-    """(B, C, *S) -> (B, C, S_1 / factor, factor, S_2 / factor, factor, ...): a view of x cut into blocks."""
-    return x.reshape(*x.shape[:2], *[v for n in x.shape[2:] for v in (n // factor, factor)])
+    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, classifier_levels=(-1,),
+                 classifier_hidden=256, **unknown):
+        super().__init__()
+        if unknown:
+            valid = [p for c in type(self).__mro__[-3::-1] for p in inspect.signature(c.__init__).parameters][3:]
+            raise TypeError(f"{type(self).__name__}: unknown option {', '.join(map(repr, unknown))}; valid: "
+                            f"{', '.join(dict.fromkeys(p for p in valid if p not in ('self', 'options', 'unknown')))}")
+        self.tasks = check_tasks(tasks)
+        self.in_channels = check_arg("in_channels", in_channels, is_int, "an integer >= 1")
+        self.dims = check_arg("dims", dims, lambda v: v in (2, 3), "2 or 3")
+        check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
+        check_arg("classifier_hidden", classifier_hidden, is_int, "an integer >= 1")
+        if self.per_task_encoders:
+            if isinstance(encoder, nn.Module):
+                raise ValueError("encoder: stl builds one per task: pass a function returning a new one, not one")
+            self.encoders = nn.ModuleDict({name: self.make_encoder(encoder) for name in self.tasks})
+        else:
+            self.encoder = self.make_encoder(encoder)
+        channels = (self.encoders[next(iter(self.tasks))] if self.per_task_encoders else self.encoder).channels
+        check_arg("classifier_levels", classifier_levels, lambda v: len(v) > 0 and all(
+            is_int(i, -len(channels)) and i < len(channels) for i in v), f"indices into the encoder's {len(channels)}"
+                  " maps (e.g. (-1,): the deepest)")
+        self.heads = nn.ModuleDict({name: make_head(dims, kind, channels, n, norm_kind, classifier_levels,
+                                                    classifier_hidden) for name, (kind, n) in self.tasks.items()})
 
+    def default_encoder(self):
+        return ResNetEncoder(self.dims, self.in_channels)  # ResNet-50
 
-def avg_pool(x, factor):
-    """Average-pool every spatial axis by ``factor`` (ceil mode), 2D or 3D."""
-    return x if factor == 1 else (F.avg_pool2d if x.dim() == 4 else F.avg_pool3d)(x, factor, factor, ceil_mode=True)
+    def make_encoder(self, encoder):
+        if encoder is None or callable(encoder) and not isinstance(encoder, nn.Module):
+            encoder = self.default_encoder() if encoder is None else encoder()
+        missing = [name for name in self.needs if not hasattr(encoder, name)]
+        if not isinstance(encoder, nn.Module) or missing:
+            raise ValueError(f"encoder must be an nn.Module (or a function returning one) with {', '.join(self.needs)}"
+                             f" (the protocol: ResNetEncoder); {type(encoder).__name__} lacks {', '.join(missing) or 'them'}")
+        return encoder
 
+    def check(self, x):
+        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input of shape (B, {self.in_channels}, {', '.join('S' * self.dims)}) "
+                             f"for this {self.dims}D model, got {tuple(x.shape)}")
+        if any(s % self.size_multiple for s in x.shape[2:]):
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {self.size_multiple} "
+                             "(the encoder halves it five times): crop or pad the input")
 
-def add_upsampled(x, y, factor):
-    """x + y upsampled by ``factor`` (nearest: y's value at each of x's blocks, the edge blocks cut to x's size);
-    where the factor divides the size, y is broadcast over x's blocks instead of materialising the upsampled map."""
-    if any(n % factor for n in x.shape[2:]):
-        return x + F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *[slice(n) for n in x.shape[2:]])]
-    return (blocks(x, factor) + blocks(y, 1)).reshape(x.shape)
+    def forward(self, x):
+        self.check(x)
+        return {name: self.heads[name](feats, x.shape[2:]) for name, feats in self.features(x).items()}
 
+class MTAN(MultiTaskNet):
+    """MTAN baseline (from MTAN, its official ResNet code): a shared encoder; per task and stage a TaskAttention
+    mask on the stage's shared features; a_t^(s-1) reaches stage s's mask through the transition g^s.
+    ``transition``: "block" (official: one residual block per stage, shared by the tasks, stride 1, then a 2x
+    max-pool where the encoder downsamples; the encoder's ``block`` class) or "conv" (ours: a strided 1x1
+    conv-norm-ReLU per task, far fewer FLOPs). Task t's head reads [stem, a_t^1 .. a_t^4]."""
+    needs = ("channels", "stem", "pool", "stages")
 
-# Residual blocks and the shared encoder (ResNet; He et al. 2016) -----------------------------------------------------
+    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block", **options):
+        check_arg("transition", transition, lambda v: v in ("block", "conv"), "'block' (official MTAN) or 'conv'")
+        self.needs = self.needs + (("block",) if transition == "block" else ())
+        super().__init__(tasks, in_channels, dims, norm_kind, encoder, **options)
+        enc, names = self.encoder, list(self.tasks)
+        if len(enc.channels) != len(enc.stages) + 1 or any(not isinstance(st, nn.Sequential) or len(st) < 2
+                                                           for st in enc.stages):  # the masks read the next-to-last
+            raise ValueError("mtan/ctan need encoder stages of depth >= 2 blocks (nn.Sequential) and channels for "
+                             "[stem, stage 1 .. n]")
+        ch = enc.channels[1:]
+        self.masks = nn.ModuleDict({str(s): nn.ModuleDict({t: TaskAttention(dims, c * (1 if s == 1 else 2), c,
+                                                                            norm_kind) for t in names})
+                                    for s, c in enumerate(ch, 1)})
+        self.transitions = nn.ModuleDict({  # g^s, into stage s
+            str(s): enc.block(dims, cin, cout, 1, norm_kind) if transition == "block" else nn.ModuleDict(
+                {t: nn.Sequential(*conv_norm(dims, cin, cout, 1, 2, norm_kind)) for t in names})
+            for s, (cin, cout) in enumerate(zip(ch[:-1], ch[1:]), 2)})
+        self.cross = nn.ModuleDict()  # {stage: exchange of the tasks' a^s}: none in MTAN, CrossTaskAttention in CTAN
+
+    def features(self, x):  # x (B, C_in, *S) -> {task: [stem, a_t^1 .. a_t^n]}
+        enc, names = self.encoder, list(self.tasks)
+        stem = enc.stem(x)
+        p, a, levels = enc.pool(stem), [None] * len(names), []
+        for s, stage in enumerate(enc.stages, 1):
+            p_b = run(enc, stage[:-1], p)  # p_b^s: before the stage's last block
+            p = run(enc, stage[-1], p_b)  # p^s: the stage's shared output
+            if s > 1:  # g^s(a_t^(s-1)): to stage s's channels, then (official MTAN) max-pooled to its size
+                g = self.transitions[str(s)]
+                a = [run(enc, g[t] if isinstance(g, nn.ModuleDict) else g, a_t) for t, a_t in zip(names, a)]
+                a = [y if y.shape[2:] == p.shape[2:] else (F.max_pool2d if y.dim() == 4 else F.max_pool3d)(y, 2)
+                     for y in a]
+            a = [self.masks[str(s)][t](p_b, p, a_t) for t, a_t in zip(names, a)]  # a_t^s = m_t^s * p^s
+            if str(s) in self.cross:
+                a = self.cross[str(s)](a)  # CTAN: the tasks exchange their features
+            levels.append(a)
+        return {t: [stem, *a] for t, a in zip(names, zip(*levels))}
+
+class CTAN(MTAN):
+    """Cross-Task Attention Network (from the paper: cross-task attention between the tasks' features in a shared
+    encoder, a head per task). Ours, inferred: its task features are MTAN's (masks and transitions, see MTAN), so
+    CTAN is MTAN plus a CrossTaskAttention after each stage in ``cross_stages`` (ours: None, all of them; 4 is
+    ResNet's bottleneck; () gives exactly MTAN). The exchanged a_t^s flow into the next stage's mask, the skips and the heads.
+    ``attention_heads``, ``reduction``, ``max_tokens``, ``gate_init``: see CrossTaskAttention."""
+    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
+                 cross_stages=None, attention_heads=4, reduction=4, max_tokens=512, gate_init=0.1,
+                 **options):
+        super().__init__(tasks, in_channels, dims, norm_kind, encoder, transition, **options)
+        n = len(self.encoder.stages)
+        cross_stages = range(1, n + 1) if cross_stages is None else cross_stages
+        check_arg("cross_stages", cross_stages, lambda v: all(is_int(s) and s <= n for s in v),
+                  f"stage numbers within 1..{n}, e.g. (4,) for the bottleneck alone")
+        self.cross.update({str(s): CrossTaskAttention(self.encoder.channels[s], len(self.tasks), attention_heads,
+                                                      reduction, max_tokens, gate_init)
+                           for s in sorted(set(cross_stages))})
+
+class STL(MultiTaskNet):
+    """Single-task learning baseline (from the paper's comparison): one full encoder per task, nothing shared;
+    tasks only meet in the summed loss."""
+    per_task_encoders = True
+
+    def features(self, x):
+        return {name: enc(x) for name, enc in self.encoders.items()}
+
+class HPS(MultiTaskNet):
+    """Hard parameter sharing baseline (from the paper's comparison): one shared encoder, one head per task."""
+    def features(self, x):
+        feats = self.encoder(x)
+        return {name: feats for name in self.tasks}
+
+# The shared encoder (ResNet; He et al. 2016) and the task heads ------------------------------------------------------
 class ResidualBlock(nn.Module):
     """ReLU(body(x) + shortcut(x)); the shortcut is a strided 1x1 conv + norm where the shape changes (from ResNet)."""
-
     def __init__(self, dims, cin, cout, stride, norm_kind, body):
         super().__init__()
         self.body = nn.Sequential(*body)
@@ -67,7 +259,6 @@ class ResidualBlock(nn.Module):
     def forward(self, x):
         return (self.body(x) + self.shortcut(x)).relu_()
 
-
 class BasicBlock(ResidualBlock):
     """ResNet-18/34 block: two 3x3 convolutions (from ResNet)."""
     expansion = 1
@@ -75,7 +266,6 @@ class BasicBlock(ResidualBlock):
     def __init__(self, dims, cin, cout, stride=1, norm_kind="batch"):
         super().__init__(dims, cin, cout, stride, norm_kind, conv_norm(dims, cin, cout, 3, stride, norm_kind) +
                          conv_norm(dims, cout, cout, 3, 1, norm_kind, act=False))
-
 
 class Bottleneck(ResidualBlock):
     """ResNet-50 block: 1x1 reduce to cout/4, 3x3 (with the stride, as torchvision's v1.5), 1x1 expand (ResNet)."""
@@ -87,24 +277,29 @@ class Bottleneck(ResidualBlock):
                          conv_norm(dims, mid, mid, 3, stride, norm_kind) +
                          conv_norm(dims, mid, cout, 1, 1, norm_kind, act=False))
 
-
 class ResNetEncoder(nn.Module):
-    """Shared encoder (ours, after the follow-up paper's ResNet-50): 7x7 stride-2 stem, max-pool, four stages of
-    ``depth[s]`` blocks (width * 2**s * expansion channels). Returns [stem, stage1 .. stage4] at /2, /4 .. /32.
-    ``block="basic"`` gives ResNet-34; ``checkpointing`` recomputes stages in the backward pass (3D memory)."""
-
+    """Shared encoder (ours, after the follow-up paper's ResNet-50): 7x7 stride-2 stem, max-pool, stages of
+    ``depth[s]`` blocks (width * 2**s * expansion channels). Returns [stem, stage 1 .. 4] at /2, /4 .. /32.
+    ``block="basic"`` gives ResNet-34; ``checkpointing`` recomputes stages in the backward pass (3D memory).
+    The encoder protocol, for an ``encoder=`` of your own: an nn.Module whose forward(x) returns the maps
+    [stem, stage 1 .. n], shallow to deep, with ``channels``, their channel counts. MTAN and CTAN also call its
+    parts: ``stem`` (x -> first map), ``pool`` (first map -> stage 1's input), ``stages`` (n nn.Sequential of at
+    least 2 blocks: the masks read the next-to-last) and, for transition="block", ``block``, a class called as
+    block(dims, cin, cout, stride, norm_kind). Optional: ``run(fn, *args)``, which returns fn(*args)."""
     def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), block="bottleneck", norm_kind="batch",
                  checkpointing=False):
         super().__init__()
-        block_cls, self.checkpointing = {"bottleneck": Bottleneck, "basic": BasicBlock}.get(block), checkpointing
-        if block_cls is None:
-            raise ValueError(f"block must be 'bottleneck' or 'basic', got {block!r}")
+        check_arg("width", width, is_int, "an integer >= 1")
+        check_arg("depth", depth, lambda v: len(v) > 0 and all(is_int(n) for n in v), "blocks per stage: (3, 4, 6, 3)")
+        check_arg("block", block, lambda v: v in ("bottleneck", "basic"), "'bottleneck' or 'basic'")
+        check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
+        self.block, self.checkpointing = {"bottleneck": Bottleneck, "basic": BasicBlock}[block], checkpointing
         self.stem = nn.Sequential(*conv_norm(dims, in_channels, width, 7, 2, norm_kind))
         self.pool = (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(3, stride=2, padding=1)
-        self.channels = [width] + [width * 2 ** s * block_cls.expansion for s in range(len(depth))]
+        self.channels = [width] + [width * 2 ** s * self.block.expansion for s in range(len(depth))]
         self.stages = nn.ModuleList(
-            nn.Sequential(*[block_cls(dims, self.channels[s] if i == 0 else cout, cout, 2 if s > 0 and i == 0 else 1,
-                                      norm_kind) for i in range(n)])
+            nn.Sequential(*[self.block(dims, self.channels[s] if i == 0 else cout, cout, 2 if s > 0 and i == 0 else 1,
+                                       norm_kind) for i in range(n)])
             for s, (n, cout) in enumerate(zip(depth, self.channels[1:])))
 
     def run(self, fn, *args):
@@ -121,12 +316,9 @@ class ResNetEncoder(nn.Module):
             feats.append(x)
         return feats
 
-
-# Task heads ----------------------------------------------------------------------------------------------------------
 class PixelDecoder(nn.Module):
     """Pixel-level head: a U-Net decoder with skips back to the input size (one per pixel-level task as in the
     paper; its form is ours). The output conv runs in fp32 under autocast: a bf16 dose loses ~0.04 Gy."""
-
     def __init__(self, dims, channels, n_out, norm_kind="batch"):
         super().__init__()
         widths = [max(8, channels[0] * 4 // 2 ** i) for i in range(len(channels))]  # 4w, 2w, w, w/2, w/4; >= 8
@@ -136,208 +328,63 @@ class PixelDecoder(nn.Module):
             for cin, cout in zip(cins, widths))  # the last one, /2 -> full size, has no skip
         self.out = conv(dims, widths[-1], n_out, 1, bias=True)
 
-    def forward(self, feats, size):
+    def forward(self, feats, size):  # feats: [stem, ..., deepest]; size: the input's *S -> (B, n_out, *S)
         x = feats[-1]
         for block, skip in zip(self.blocks, [*feats[-2::-1], None]):
             x = F.interpolate(x, size=size if skip is None else skip.shape[2:], mode="nearest")
             x = block(x if skip is None else torch.cat([x, skip], 1))
         with fp32(x):
-            return self.out(x.float())
-
+            return self.out(x.to(self.out.weight.dtype))
 
 class ImageClassifier(nn.Module):
-    """Image-level head (ours; the paper's is unpublished): average pooling of encoder ``levels``, then an MLP."""
-
+    """Image-level head (ours; the paper's is unpublished): average pooling of encoder ``levels``, then an MLP.
+    The MLP runs in fp32 under autocast: bf16 logits would tie scores, and so AUCs."""
     def __init__(self, channels, n_out, levels=(-1,), hidden=256, dropout=0.2):
         super().__init__()
         self.levels = tuple(levels)
         self.mlp = nn.Sequential(nn.Linear(sum(channels[i] for i in self.levels), hidden),
                                  nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, n_out))
 
-    def forward(self, feats, size=None):
+    def forward(self, feats, size=None):  # -> (B, n_out)
         x = torch.cat([feats[i].flatten(2).mean(2) for i in self.levels], 1)
-        with fp32(x):  # tiny; bf16 logits would tie scores and so AUCs
-            return self.mlp(x.float())
-
+        with fp32(x):
+            return self.mlp(x.to(self.mlp[0].weight.dtype))
 
 def make_head(dims, kind, channels, n_out, norm_kind="batch", classifier_levels=(-1,), hidden=256):
     """One head per task: a decoder for pixel-level tasks, a classifier for image-level ones."""
     return (PixelDecoder(dims, channels, n_out, norm_kind) if kind == "pixel" else
             ImageClassifier(channels, n_out, classifier_levels, hidden))
 
+# Dimension-generic layers --------------------------------------------------------------------------------------------
+def conv(dims, cin, cout, k=3, stride=1, dilation=1, bias=False):
+    """A 2D or 3D convolution with 'same' padding for odd kernels."""
+    return (nn.Conv2d if dims == 2 else nn.Conv3d)(cin, cout, k, stride, dilation * (k // 2), dilation, bias=bias)
+def norm(dims, channels, kind="batch"):
+    """Batch norm as in ResNet (from ResNet); group and instance norm are our options for small 3D batches."""
+    return {"batch": lambda: (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels),
+            "group": lambda: nn.GroupNorm(math.gcd(32, channels), channels),
+            "instance": lambda: (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)}[kind]()
 
-# Attention: MTAN's task masks (Liu, Johns, Davison, CVPR 2019) and CTAN's cross-task attention -----------------------
-class TaskAttention(nn.Module):
-    """MTAN's soft mask for one task and stage (from MTAN): a = sigmoid(BN(conv1x1(ReLU(BN(conv1x1([u_b ; a_prev]))))))
-    * u_t; u_b: shared features before the stage's last block, u_t: its output, a_prev: the task's previous a."""
+def conv_norm(dims, cin, cout, k=3, stride=1, norm_kind="batch", act=True, dilation=1):
+    """conv -> norm (-> ReLU), as a list of layers to splice into an ``nn.Sequential``."""
+    return [conv(dims, cin, cout, k, stride, dilation), norm(dims, cout, norm_kind)] + [nn.ReLU(inplace=True)] * act
+def avg_pool(x, factor):
+    """Average-pool every spatial axis by ``factor`` (ceil mode), 2D or 3D."""
+    return x if factor == 1 else (F.avg_pool2d if x.dim() == 4 else F.avg_pool3d)(x, factor, factor, ceil_mode=True)
+def add_upsampled(x, y, factor):
+    """x + y upsampled by ``factor`` (nearest: y's value at each of x's blocks, the edge blocks cut to x's size);
+    where the factor divides the size, y is broadcast over x's blocks instead of materialising the upsampled map."""
+    if any(n % factor for n in x.shape[2:]):
+        return x + F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *[slice(n) for n in x.shape[2:]])]
+    blocks = lambda z, f: z.reshape(*z.shape[:2], *[v for n in z.shape[2:] for v in (n // f, f)])  # (B, C, S/f, f)
+    return (blocks(x, factor) + blocks(y, 1)).reshape(x.shape)
 
-    def __init__(self, dims, cin, cout, norm_kind="batch"):
-        super().__init__()
-        mid = max(1, cout // 4)
-        self.mask = nn.Sequential(*conv_norm(dims, cin, mid, 1, 1, norm_kind),
-                                  *conv_norm(dims, mid, cout, 1, 1, norm_kind, act=False))
-
-    def forward(self, u_b, u_t, a_prev=None):  # the sigmoid overwrites the norm's output, which its backward skips
-        return self.mask(u_b if a_prev is None else torch.cat([u_b, a_prev], 1)).sigmoid_() * u_t
-
-
-class CrossTaskAttention(nn.Module):
-    """Cross-task attention at one stage (from the paper: a task's features give the queries, the other tasks' the
-    keys and values): q = W_q^t LN_t(P f_t),  k, v = W_kv^s LN_s(P f_s) for all s != t,  f_t <- f_t + up(gamma_t
-    W_o^t MHA(q, k, v)), for task t with features f_t (B, C, *S) and P an average pooling.
-    Ours (arguments): ``heads``; inner width C / ``reduction``; P pools by powers of 2 to at most ``max_tokens``
-    tokens (bounded cost in 3D); ``pool_queries=False``: one query per voxel, no P or up(); gamma_t starts at
-    ``gate_init``. LN_t(P f_t) is computed once, for t's queries and the others' keys and values."""
-
-    def __init__(self, channels, n_tasks, heads=4, reduction=4, max_tokens=512, gate_init=0.1, pool_queries=True):
-        super().__init__()
-        inner = max(heads, channels // reduction // heads * heads)
-        self.heads, self.max_tokens, self.pool_queries = heads, max_tokens, pool_queries
-        self.norm = nn.ModuleList(nn.LayerNorm(channels) for _ in range(n_tasks))
-        self.q = nn.ModuleList(nn.Linear(channels, inner) for _ in range(n_tasks))
-        self.kv = nn.ModuleList(nn.Linear(channels, 2 * inner) for _ in range(n_tasks))
-        self.out = nn.ModuleList(nn.Linear(inner, channels) for _ in range(n_tasks))
-        self.gate = nn.Parameter(torch.full((n_tasks,), float(gate_init)))
-
-    def pool_factor(self, spatial):
-        factor = 1
-        while math.prod([-(-s // factor) for s in spatial]) > self.max_tokens:
-            factor *= 2
-        return factor
-
-    def forward(self, feats):
-        factor = self.pool_factor(feats[0].shape[2:])
-        pooled = [avg_pool(f, factor) for f in feats]
-        tokens = [ln(p.flatten(2).transpose(1, 2)) for ln, p in zip(self.norm, pooled)]  # (B, N, C)
-        kvs = [kv(x).chunk(2, -1) for kv, x in zip(self.kv, tokens)]
-        full = factor > 1 and not self.pool_queries
-        out = []
-        for t, f in enumerate(feats):
-            q = self.q[t](self.norm[t](f.flatten(2).transpose(1, 2)) if full else tokens[t])
-            k, v = ([kv[i] for s, kv in enumerate(kvs) if s != t] for i in (0, 1))
-            k, v = (x[0] if len(x) == 1 else torch.cat(x, 1) for x in (k, v))
-            a = F.scaled_dot_product_attention(*[x.unflatten(2, (self.heads, -1)).transpose(1, 2) for x in (q, k, v)])
-            a = (self.gate[t] * self.out[t](a.transpose(1, 2).flatten(2))).transpose(1, 2)
-            out.append(add_upsampled(f, a.reshape((f if full else pooled[t]).shape), 1 if full else factor))
-        return out
-
-
-# Networks: the common base, MTAN, CTAN, then the baselines STL and HPS -----------------------------------------------
-class MultiTaskNet(nn.Module):
-    """Base (ours): validates the tasks, builds the encoder (``encoder()``; one per task with ``per_task_encoders``)
-    and a head per task. Subclasses define ``features(x) -> {task: [feature maps, shallow to deep]}``."""
-
-    size_multiple = 32  # five stride-2 steps in the encoder
-    default_encoder = ResNetEncoder  # ResNet-50
-
-    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, per_task_encoders=False,
-                 classifier_levels=(-1,), classifier_hidden=256):
-        super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {dims!r}")
-        if not tasks or any(len(spec) != 2 or spec[0] not in TASK_KINDS or int(spec[1]) < 1 for spec in tasks.values()):
-            raise ValueError(f"tasks: expected {{name: (kind, n_out)}} with kind in {TASK_KINDS} and n_out >= 1, "
-                             f"got {tasks!r}")
-        self.tasks, self.in_channels, self.dims = dict(tasks), in_channels, dims
-        build = encoder or (lambda: self.default_encoder(dims, in_channels))
-        if per_task_encoders:
-            self.encoders = nn.ModuleDict({name: build() for name in self.tasks})
-        else:
-            self.encoder = build()
-        channels = (self.encoders[next(iter(self.tasks))] if per_task_encoders else self.encoder).channels
-        self.heads = nn.ModuleDict({name: make_head(dims, kind, channels, n, norm_kind, classifier_levels,
-                                                    classifier_hidden) for name, (kind, n) in self.tasks.items()})
-
-    def check(self, x):
-        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input of shape (B, {self.in_channels}, {', '.join('S' * self.dims)}) "
-                             f"for this {self.dims}D model, got {tuple(x.shape)}")
-        if any(s % self.size_multiple for s in x.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {self.size_multiple} "
-                             "(the encoder halves it five times): crop or pad the input")
-
-    def forward(self, x):
-        self.check(x)
-        return {name: self.heads[name](feats, x.shape[2:]) for name, feats in self.features(x).items()}
-
-
-class MTAN(MultiTaskNet):
-    """MTAN baseline (from MTAN, official ResNet version): a shared encoder, per task and stage a ``TaskAttention``
-    mask; a_s passes a ``transition`` ("block", from MTAN: a strided residual block; "conv", ours: a strided 1x1
-    conv-norm-ReLU, a quarter of the FLOPs) to feed the next mask. Task t's head reads [stem, a_1 .. a_4]."""
-
-    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
-                 **head_options):
-        if transition not in ("block", "conv"):
-            raise ValueError(f"transition must be 'block' (official MTAN) or 'conv' (light), got {transition!r}")
-        super().__init__(tasks, in_channels, dims, norm_kind, encoder, **head_options)
-        if any(len(stage) < 2 for stage in self.encoder.stages):
-            raise ValueError("mtan/ctan need depth >= 2 blocks in every stage (masks read the next-to-last one)")
-        block_cls, ch = type(self.encoder.stages[0][0]), self.encoder.channels[1:]
-        self.attention = nn.ModuleList(
-            nn.ModuleList(TaskAttention(dims, c * (1 if s == 0 else 2), c, norm_kind) for _ in self.tasks)
-            for s, c in enumerate(ch))
-        step = (lambda cin, cout: block_cls(dims, cin, cout, 2, norm_kind) if transition == "block"
-                else nn.Sequential(*conv_norm(dims, cin, cout, 1, 2, norm_kind)))
-        self.transition = nn.ModuleList(nn.ModuleList(step(cin, cout) for _ in self.tasks)
-                                        for cin, cout in zip(ch[:-1], ch[1:]))
-        self.cross = nn.ModuleDict()  # {str(stage): module exchanging the tasks' a_s}: none in MTAN, see CTAN
-
-    def features(self, x):
-        enc = self.encoder
-        stem = enc.stem(x)
-        u, prev, attended = enc.pool(stem), [None] * len(self.tasks), []
-        for s, stage in enumerate(enc.stages):
-            u_b = enc.run(stage[:-1], u)
-            u = enc.run(stage[-1], u_b)
-            a = [att(u_b, u, p) for att, p in zip(self.attention[s], prev)]
-            if str(s + 1) in self.cross:
-                a = self.cross[str(s + 1)](a)
-            attended.append(a)
-            if s < len(self.transition):
-                prev = [enc.run(f, a_t) for f, a_t in zip(self.transition[s], a)]
-        return {name: [stem, *a] for name, a in zip(self.tasks, zip(*attended))}
-
-
-class CTAN(MTAN):
-    """Cross-Task Attention Network (from the paper): MTAN's task-specific features plus cross-task attention
-    after the chosen stages (``CrossTaskAttention``); the exchanged features flow into the next stage, the skips
-    and the heads. ``cross_stages`` (ours: all four; 4 is the bottleneck; () gives exactly MTAN with the same
-    ``transition``). ``heads``, ``reduction``, ``max_tokens``, ``gate_init``, ``pool_queries``: see
-    ``CrossTaskAttention``."""
-
-    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
-                 cross_stages=(1, 2, 3, 4), heads=4, reduction=4, max_tokens=512, gate_init=0.1, pool_queries=True,
-                 **head_options):
-        if len(tasks) < 2:
-            raise ValueError("ctan needs at least two tasks (cross-task attention has nothing to attend to)")
-        super().__init__(tasks, in_channels, dims, norm_kind, encoder, transition, **head_options)
-        n_stages = len(self.encoder.stages)
-        if any(s not in range(1, n_stages + 1) for s in cross_stages):
-            raise ValueError(f"cross_stages must be within 1..{n_stages}, got {tuple(cross_stages)}")
-        self.cross.update({
-            str(s): CrossTaskAttention(self.encoder.channels[s], len(self.tasks), heads, reduction, max_tokens,
-                                       gate_init, pool_queries) for s in sorted(set(cross_stages))})
-
-
-class STL(MultiTaskNet):
-    """Single-task learning baseline (from the paper's comparison): one full encoder per task, nothing shared;
-    tasks only meet in the summed loss."""
-
-    def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, **head_options):
-        super().__init__(tasks, in_channels, dims, norm_kind, encoder, per_task_encoders=True, **head_options)
-
-    def features(self, x):
-        return {name: enc(x) for name, enc in self.encoders.items()}
-
-
-class HPS(MultiTaskNet):
-    """Hard parameter sharing baseline (from the paper's comparison): one shared encoder, one head per task."""
-
-    def features(self, x):
-        feats = self.encoder(x)
-        return {name: feats for name in self.tasks}
-
+def run(encoder, fn, *args):
+    """fn(*args) through the encoder's ``run`` (gradient checkpointing), where it has one."""
+    return encoder.run(fn, *args) if hasattr(encoder, "run") else fn(*args)
+def fp32(x):
+    """Autocast off where x lives (ours): output layers run in fp32, as rounding a dose to bf16 costs ~0.04 Gy."""
+    return torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False)  # meta: no autocast
 
 # MFE-UNet (Bui, Le, Bum, Choo, arXiv 2412.00351) ---------------------------------------------------------------------
 def window_partition(x, window):
@@ -349,7 +396,6 @@ def window_partition(x, window):
     x = x.permute(0, *[2 + 2 * i for i in range(d)], *[3 + 2 * i for i in range(d)], 1)
     return x.reshape(-1, math.prod(window), c), grid
 
-
 def window_merge(tokens, grid, window, batch):
     """Inverse of ``window_partition``."""
     d, c = len(grid), tokens.shape[-1]
@@ -357,14 +403,11 @@ def window_merge(tokens, grid, window, batch):
     x = x.permute(0, 2 * d + 1, *[v for i in range(d) for v in (1 + i, 1 + d + i)])
     return x.reshape(batch, c, *[g * w for g, w in zip(grid, window)])
 
-
 class WindowTransformer(nn.Module):
     """Transformer branch of a ResFormer stage (from MFE-UNet: attention beside the convolutional stage, outputs
-    summed): pre-norm multi-head self-attention in non-overlapping windows of ``window`` voxels per side (linear
-    cost at the large stages; a map within one window gets global attention), then an MLP. Ours, to stay short:
-    one block per stage, no shifted windows or relative position bias (the official code has two Swin blocks),
-    and a strided 1x1 projection in place of patch merging to reach the stage's size and channels."""
-
+    summed): pre-norm multi-head self-attention in windows of ``window`` voxels per side (linear cost at the large
+    stages), then an MLP. Ours, to stay short: one block per stage, no shifted windows or relative position bias
+    (the official code has two Swin blocks), and a strided 1x1 projection in place of patch merging."""
     def __init__(self, dims, cin, cout, stride, heads=4, window=8, mlp_ratio=2):
         super().__init__()
         self.heads, self.window = heads, window
@@ -384,17 +427,18 @@ class WindowTransformer(nn.Module):
         t = t + self.mlp(self.norm2(t))
         return window_merge(t, grid, window, b)[(slice(None), slice(None), *[slice(0, n) for n in s])]
 
-
 class ResFormerEncoder(ResNetEncoder):
     """ResFormer encoder (from MFE-UNet): ResNet-34 basic-block stages (64/128/256/512 at width 64), each with a
-    window-attention transformer branch alongside; the two outputs are summed."""
-
-    def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), norm_kind="batch", heads=4, window=8,
-                 checkpointing=False):
+    window-attention transformer branch of ``attention_heads`` heads alongside; the two outputs are summed."""
+    def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), norm_kind="batch", attention_heads=4,
+                 window=8, checkpointing=False):
         super().__init__(dims, in_channels, width, depth, "basic", norm_kind, checkpointing)
+        check_arg("attention_heads", attention_heads, lambda v: is_int(v) and all(c % v == 0 for c in self.channels),
+                  f"an integer >= 1 that divides every stage's channels {self.channels[1:]}")
+        check_arg("window", window, is_int, "an integer >= 1")
         self.transformers = nn.ModuleList(
-            WindowTransformer(dims, self.channels[s], self.channels[s + 1], 1 if s == 0 else 2, heads, window)
-            for s in range(len(depth)))
+            WindowTransformer(dims, self.channels[s], self.channels[s + 1], 1 if s == 0 else 2, attention_heads,
+                              window) for s in range(len(depth)))
 
     def forward(self, x):
         feats = [self.stem(x)]
@@ -404,22 +448,10 @@ class ResFormerEncoder(ResNetEncoder):
             feats.append(x)
         return feats
 
-
-class SpatialAttention(nn.Module):
-    """CBAM spatial attention, as in MFE-UNet's DFE: x * sigmoid(conv7x7([mean_c x ; max_c x]))."""
-
-    def __init__(self, dims):
-        super().__init__()
-        self.conv = conv(dims, 2, 1, 7, bias=True)
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)))
-
-
 class DilatedFeatureEnhancement(nn.Module):
     """DFE skip refinement (from MFE-UNet): a 1x1 branch and 3x3 branches with dilations 6, 12, 18, concatenated,
-    fused by conv + BN, plus a 1x1 shortcut, ReLU, spatial attention. Branch width C/4 is ours."""
-
+    fused by conv + BN, plus a 1x1 shortcut, ReLU, then CBAM spatial attention: y * sigmoid(conv7x7([mean_c y ;
+    max_c y])). Branch width C/4 is ours."""
     def __init__(self, dims, channels, dilations=(6, 12, 18), norm_kind="batch"):
         super().__init__()
         mid = max(1, channels // 4)
@@ -427,42 +459,40 @@ class DilatedFeatureEnhancement(nn.Module):
                                                                dilation=d)) for d in (1, *dilations))
         self.fuse = nn.Sequential(*conv_norm(dims, mid * len(self.branches), channels, 1, 1, norm_kind, act=False))
         self.shortcut = conv(dims, channels, channels, 1)
-        self.attention = SpatialAttention(dims)
+        self.spatial = conv(dims, 2, 1, 7, bias=True)
 
     def forward(self, x):
-        y = self.fuse(torch.cat([b(x) for b in self.branches], 1))
-        return self.attention(F.relu(y + self.shortcut(x)))
-
+        y = F.relu(self.fuse(torch.cat([b(x) for b in self.branches], 1)) + self.shortcut(x))
+        return y * torch.sigmoid(self.spatial(torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)))
 
 class MFEUNet(MultiTaskNet):
-    """MFE-UNet (from that paper): a shared ResFormer encoder, skips refined by DFE modules (shared by the
-    decoders), one U-Net decoder per pixel-level task, image-level heads on the last two stages pooled and
-    concatenated, then FC 32 (the official head has no activation between its linear layers; ours reuses
-    ``ImageClassifier`` with ReLU and dropout there)."""
-
-    default_encoder = ResFormerEncoder
-
+    """MFE-UNet (from that paper): a shared ResFormer encoder, skips refined by DFE modules (shared by the decoders),
+    a U-Net decoder per pixel-level task, image-level heads on the last two stages pooled, then FC 32 (the official
+    head has no activation between its linear layers; ours reuses ``ImageClassifier``, ReLU and dropout there)."""
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, dilations=(6, 12, 18),
-                 classifier_levels=(-2, -1), classifier_hidden=32):
-        super().__init__(tasks, in_channels, dims, norm_kind, encoder, False, classifier_levels, classifier_hidden)
+                 classifier_levels=(-2, -1), classifier_hidden=32, **options):
+        check_arg("dilations", dilations, lambda v: all(is_int(d) for d in v), "integers >= 1, e.g. (6, 12, 18)")
+        super().__init__(tasks, in_channels, dims, norm_kind, encoder, classifier_levels, classifier_hidden,
+                         **options)
         self.pixel_tasks = [name for name, (kind, _) in self.tasks.items() if kind == "pixel"]
         self.dfe = nn.ModuleList(DilatedFeatureEnhancement(dims, c, dilations, norm_kind)
                                  for c in (self.encoder.channels[:-1] if self.pixel_tasks else []))
+
+    def default_encoder(self):
+        return ResFormerEncoder(self.dims, self.in_channels)
 
     def features(self, x):
         feats = self.encoder(x)
         refined = [dfe(f) for dfe, f in zip(self.dfe, feats)] + feats[-1:]  # decoders read refined skips
         return {name: refined if name in self.pixel_tasks else feats for name in self.tasks}
 
-
 # Deep multimodal guidance (Mallya, Hamarneh, MICCAI 2022), for dose prediction ---------------------------------------
 class GuidanceNetwork(nn.Module):
-    """G: maps the inferior model's encoder features to the superior model's, trained with MSE while both
-    encoders are frozen (from the guidance paper, there an MLP on one latent; ours for dense features: per
-    encoder scale a 1x1-conv, ReLU, dropout, 1x1-conv network)."""
-
+    """G: maps the inferior model's encoder features to the superior model's (from the guidance paper, there an MLP
+    on one latent; ours for dense features: per encoder scale a 1x1-conv, ReLU, dropout, 1x1-conv network)."""
     def __init__(self, dims, channels, dropout=0.1):
         super().__init__()
+        check_arg("dropout", dropout, lambda v: is_real(v) and 0 <= v < 1, "a probability in [0, 1)")
         self.maps = nn.ModuleList(nn.Sequential(
             conv(dims, c, c, 1, bias=True), nn.ReLU(inplace=True),
             (nn.Dropout2d if dims == 2 else nn.Dropout3d)(dropout), conv(dims, c, c, 1, bias=True))
@@ -471,11 +501,9 @@ class GuidanceNetwork(nn.Module):
     def forward(self, feats):
         return [g(f) for g, f in zip(self.maps, feats)]
 
-
 class Frozen(nn.Module):
     """Base of the guided models (ours): the children named in ``frozen`` get no gradients and stay in eval mode
     (BN statistics, dropout) even while the model trains, so the stages they come from stay as trained."""
-
     frozen = ()
 
     def train(self, mode=True):
@@ -484,12 +512,10 @@ class Frozen(nn.Module):
             getattr(self, name).eval().requires_grad_(False)
         return self
 
-
 class GuidanceObjective(Frozen):
     """Stage (b) of the guidance method: G's mean squared error to the frozen superior model's features, one value
     per case, averaged over the encoder scales. x = [CT ; ROI masks]; the frozen inferior model reads the CT. The
     inferior and superior models are STL models of the same tasks and encoder sizes (ours)."""
-
     frozen = ("inferior", "superior")
 
     def __init__(self, inferior, superior, guidance):
@@ -504,12 +530,10 @@ class GuidanceObjective(Frozen):
         pairs = [(g, t) for name in f_inf for g, t in zip(self.guidance(f_inf[name]), f_sup[name])]
         return {"guidance": sum((g.float() - t.float()).square().flatten(1).mean(1) for g, t in pairs) / len(pairs)}
 
-
 class GuidedModel(Frozen):
     """The guided model, stage (c) or (d) of the guidance method: the frozen inferior model reads the CT alone and
     the frozen G predicts the superior model's features from it. With the superior model's ``heads`` (c) they decode
     G(f); without (d) new heads, the only trained part, decode [f ; G(f)]."""
-
     frozen = ("inferior", "guidance")
 
     def __init__(self, inferior, guidance, heads=None):
@@ -531,20 +555,22 @@ class GuidedModel(Frozen):
                              x.shape[2:])
         return out
 
-
 # Task weighting -------------------------------------------------------------------------------------------------------
 class Weighting(nn.Module):
     """Task weighting: combines the task losses {task: scalar} into one loss, with the scheme of the paper named.
     equal: the plain sum (ours: the CTAN paper's weighting is not known to us).
     dwa: Dynamic Weight Average (MTAN; Liu, Johns, Davison 2019): w_k = T softmax_k(r_k / 2), r_k =
          L_k(e-1) / L_k(e-2) from the mean training losses of the last two epochs (w = 1 before).
-    uncertainty: Kendall, Gal, Cipolla (2018): sum_k exp(-s_k) L_k / 2 + s_k / 2, s_k learnable.
+    uncertainty: Kendall, Gal, Cipolla (2018): sum_k exp(-s_k) L_k / 2 + s_k / 2, s_k learnable: they are this
+         module's parameters, so give ``weighting.parameters()`` to the optimiser (else the weights stay 0.5).
     mfe: MFE-UNet's L_seg + 0.25 L_cls: weight 1 for pixel-level tasks, 0.25 for image-level ones.
-    tasks: {name: (kind, n_out)} as the networks take them. Call ``end_epoch`` with the epoch's mean losses (DWA's
-    history travels in the state_dict)."""
+    tasks: {name: (kind, n_out)}. Call ``end_epoch`` with the epoch's mean losses (DWA's history is in the state)."""
+    METHODS = ("equal", "dwa", "uncertainty", "mfe")
 
     def __init__(self, method, tasks, temperature=2.0):
         super().__init__()
+        check_arg("method", method, lambda v: v in self.METHODS, f"one of {self.METHODS}")
+        check_arg("temperature", temperature, lambda v: is_real(v) and v > 0, "a positive number")
         self.method, self.tasks, self.temperature = method, list(tasks), temperature
         self.image_tasks = {name for name, (kind, _) in tasks.items() if kind == "image"}
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if method == "uncertainty" else None
@@ -574,41 +600,51 @@ class Weighting(nn.Module):
     def set_extra_state(self, state):
         self.history = [list(h) for h in state["history"]]
 
+# Checks and the factory ----------------------------------------------------------------------------------------------
+def is_int(v, low=1):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+def is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+def check_arg(name, value, ok, valid):
+    """value if ok(value), else one ValueError naming the argument and what it may be."""
+    try:
+        good = ok(value)
+    except TypeError:  # e.g. len() of a number
+        good = False
+    if not good:
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+    return value
 
-# Factory -------------------------------------------------------------------------------------------------------------
+def check_tasks(tasks):
+    """{name: (kind, n_out)}: names are strings, kind is "pixel" or "image", n_out an integer >= 1."""
+    ok = isinstance(tasks, dict) and len(tasks) > 0 and all(
+        isinstance(name, str) and name and "." not in name and isinstance(spec, (tuple, list)) and len(spec) == 2
+        and spec[0] in TASK_KINDS and is_int(spec[1]) for name, spec in tasks.items())
+    check_arg("tasks", tasks, lambda v: ok, f"{{name: (kind, n_out)}} with kind in {TASK_KINDS}, n_out >= 1 (an "
+              "integer) and names without '.', e.g. {'dose': ('pixel', 1), 'diagnosis': ('image', 7)}")
+    return {name: (kind, int(n)) for name, (kind, n) in tasks.items()}
+
 NETWORKS = {"stl": STL, "hps": HPS, "mtan": MTAN, "ctan": CTAN, "mfe": MFEUNet}
 
-
 def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), block="bottleneck",
-                norm_kind="batch", checkpointing=False, **options):
-    """Build any network of this file. arch: one of ``ARCHS``; tasks: {name: (kind, n_out)}, kind "pixel" or
-    "image"; dims: 2 or 3; width, depth, block: the residual encoder (ResNet-50 by default; ``mfe`` always uses
-    basic blocks, i.e. ResNet-34, and takes ``window`` and ``attention_heads``). Other keyword options go to the
-    network's constructor (e.g. ``transition``, ``cross_stages``, ``max_tokens``), which validates them."""
-    if arch not in NETWORKS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    enc = dict(width=width, depth=tuple(depth), norm_kind=norm_kind, checkpointing=checkpointing)
-    if arch == "mfe":
-        enc.update(heads=options.pop("attention_heads", 4), window=options.pop("window", 8))
-        encoder = lambda: ResFormerEncoder(dims, in_channels, **enc)
-    else:
-        encoder = lambda: ResNetEncoder(dims, in_channels, block=block, **enc)
-    return NETWORKS[arch](tasks, in_channels, dims, norm_kind=norm_kind, encoder=encoder, **options)
-
-
-def fp32(x):
-    """Autocast off where x lives (ours): output layers run in fp32, as rounding a dose to bf16 costs ~0.04 Gy."""
-    return torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False)  # meta: no autocast
-
+                norm_kind="batch", checkpointing=False, encoder=None, **options):
+    """Any network of this file. arch: one of ``ARCHS``; tasks: {name: (kind, n_out)}, kind "pixel" or "image";
+    dims: 2 or 3; width, depth, block: the residual encoder (ResNet-50 by default; ``mfe`` always uses basic
+    blocks, i.e. ResNet-34, and takes ``window`` and ``attention_heads``), or ``encoder``: your own (a module or a
+    function returning one; see ResNetEncoder for the protocol). Other keyword options go to the network's class
+    (MTAN: ``transition``; CTAN: also ``cross_stages``, ``attention_heads``, ``max_tokens``, ...)."""
+    check_arg("arch", arch, lambda v: v in NETWORKS, f"one of {', '.join(ARCHS)}")
+    enc = dict(width=width, depth=depth, norm_kind=norm_kind, checkpointing=checkpointing)
+    if arch == "mfe":  # its encoder's options
+        enc.update({k: options.pop(k) for k in ("attention_heads", "window") if k in options})
+    if encoder is None:
+        encoder = ((lambda: ResFormerEncoder(dims, in_channels, **enc)) if arch == "mfe" else
+                   (lambda: ResNetEncoder(dims, in_channels, block=block, **enc)))
+    try:
+        return NETWORKS[arch](tasks, in_channels, dims, norm_kind=norm_kind, encoder=encoder, **options)
+    except TypeError as e:  # an unknown option: build_model's own are valid too
+        raise TypeError(f"build_model: {e}, and width, depth, block, checkpointing" +
+                        ", attention_heads, window" * (arch == "mfe")) from None
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
-
-
-if __name__ == "__main__":  # parameter counts at the default widths
-    for title, tasks, cin, dims in [("openkbp", {"dose": ("pixel", 1), "structures": ("pixel", 10)}, 1, 2),
-                                    ("ham10000", {"segmentation": ("pixel", 1), "diagnosis": ("image", 7)}, 3, 2),
-                                    ("stoic (3D)", {"covid": ("image", 2), "severe": ("image", 2)}, 1, 3)]:
-        with torch.device("meta"):
-            counts = {arch: count_parameters(build_model(arch, tasks, cin, dims)) / 1e6 for arch in ARCHS}
-        print(f"{title}: " + ", ".join(f"{arch} {n:.1f} M" for arch, n in counts.items()))

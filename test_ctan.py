@@ -1,7 +1,9 @@
 """Tests for ctan.py, data.py and train.py (CPU, tiny shapes): `python -m pytest -q test_ctan.py`.
 
 The real-data tests read ../shared/data/openkbp (20 OpenKBP patients) and are skipped where it is absent."""
+import ast
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ctan
 import data
@@ -109,22 +112,36 @@ def test_shapes_and_gradients_reach_every_parameter(arch, dims, mix, options):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_light_transition_is_a_strided_1x1_conv(dims):
-    """transition="conv": a strided 1x1 conv-norm-ReLU per task between stages instead of MTAN's block."""
+def test_official_mtan_transition_is_one_shared_block_then_max_pool_and_conv_is_per_task(dims):
+    """transition="block" (the default, official MTAN): per stage one Bottleneck shared by the tasks, stride 1 with
+    a 1x1 projection shortcut, then a 2x max-pool; "conv" (ours): a strided 1x1 conv-norm-ReLU per task."""
     with torch.device("meta"):
         light, block = (ctan.build_model("ctan", TWO, 1, dims, transition=t, **TINY) for t in ("conv", "block"))
-    step = light.transition[0][0]
+    assert ctan.build_model("mtan", TWO, 1, dims, **TINY).transitions.keys() == block.transitions.keys()
+    assert list(block.transitions) == ["2", "3", "4"]  # g^s feeds stage s
+    for s, g in block.transitions.items():
+        assert type(g) is ctan.Bottleneck and g.body[3].stride == (1,) * dims
+        assert g.shortcut[0].kernel_size == g.shortcut[0].stride == (1,) * dims
+        assert g.shortcut[0].in_channels == block.encoder.channels[int(s) - 1]
+    step = light.transitions["2"]["diagnosis"]
     assert isinstance(step[0], (torch.nn.Conv2d, torch.nn.Conv3d)) and step[0].kernel_size == (1,) * dims
-    assert step[0].stride == (2,) * dims and isinstance(block.transition[0][0], ctan.Bottleneck)
-    assert ctan.count_parameters(light) < ctan.count_parameters(block)
+    assert step[0].stride == (2,) * dims and ctan.count_parameters(light) < ctan.count_parameters(block)
+    # the shared block sees each task's a^(s-1) on its own (batch statistics per task), then a 2x max-pool
+    model, seen = tiny_model("mtan", TWO).train(), []
+    model.transitions["3"].register_forward_hook(lambda m, inp, out: seen.append((inp[0].shape, out.shape)))
+    model(tiny_input(2, size=64))
+    assert seen == [((2, 32, 8, 8), (2, 64, 8, 8))] * 2  # then pooled to stage 3's 4 x 4
 
 
 def grads(model, x, task):
-    """Gradient of one task's output w.r.t. every parameter (None where the output does not depend on it)."""
+    """Gradient of one task's output w.r.t. every parameter (0 where the output does not depend on it); the
+    cross-task attention's stacked weights (T, ...) split per task as NAME[t]."""
     out = model(x)[task].square().mean()
     params = dict(model.named_parameters())
     g = torch.autograd.grad(out, list(params.values()), allow_unused=True)
-    return {n: (gi is not None and gi.abs().sum().item() > 0) for n, gi in zip(params, g)}
+    g = {n: torch.zeros_like(p) if gi is None else gi for (n, p), gi in zip(params.items(), g)}
+    g.update({f"{n}[{t}]": gi[t] for n, gi in list(g.items()) if n.startswith("cross.") for t in range(len(gi))})
+    return {n: gi.abs().sum().item() > 0 for n, gi in g.items()}
 
 
 def reaches(g, prefix):
@@ -150,21 +167,23 @@ def test_both_tasks_reach_the_shared_encoder(arch):
         assert reaches(g, "encoder.stages.3."), task
 
 
-def task_branch(index):
-    """Parameter-name prefixes of one task's MTAN/CTAN branch (attention masks and transitions)."""
-    return tuple(f"{part}.{s}.{index}." for part in ("attention", "transition") for s in range(4))
+def task_branch(task):
+    """Parameter-name prefixes of one task's own MTAN/CTAN branch: its masks at stages 1-4."""
+    return tuple(f"masks.{s}.{task}." for s in range(1, 5))
 
 
-def test_ctan_cross_task_attention_carries_information_between_tasks():
-    x = tiny_input(2)
-    g = grads(tiny_model("ctan", TWO), x, "dose")
-    assert any(reaches(g, p) for p in task_branch(1)), "dose does not depend on the diagnosis branch"
-    assert reaches(g, "cross.1.kv.1."), "diagnosis keys/values do not reach dose"
+@pytest.mark.parametrize("transition", ["block", "conv"])
+def test_ctan_cross_task_attention_carries_information_between_tasks(transition):
+    x = tiny_input(2, size=64)  # 2 x 2 tokens at stage 4: with one key, attention would ignore its query
+    g = grads(tiny_model("ctan", TWO, transition=transition), x, "dose")
+    assert all(reaches(g, p) for p in task_branch("diagnosis")), "dose does not depend on the diagnosis branch"
+    assert reaches(g, "cross.4.w_kv[1]") and reaches(g, "cross.4.w_q[0]"), "diagnosis keys do not reach dose"
+    assert not reaches(g, "cross.4.w_q[1]") and not reaches(g, "cross.4.w_kv[0]")  # the last stage: one way
     # Switching cross-task attention off removes the dependence (and then CTAN is MTAN).
     for arch, options in [("ctan", {"cross_stages": ()}), ("mtan", {})]:
-        g = grads(tiny_model(arch, TWO, **options), x, "dose")
-        assert not any(reaches(g, p) for p in task_branch(1)), arch
-        assert reaches(g, task_branch(0)[0])
+        g = grads(tiny_model(arch, TWO, transition=transition, **options), x, "dose")
+        assert not any(reaches(g, p) for p in task_branch("diagnosis")), arch
+        assert all(reaches(g, p) for p in task_branch("dose"))
 
 
 @pytest.mark.parametrize("transition", ["block", "conv"])
@@ -182,15 +201,15 @@ def test_cross_attention_only_at_chosen_stages():
     assert list(model.cross) == ["4"]
     g = grads(model, tiny_input(2), "dose")
     # Only the bottleneck exchanges: the diagnosis branch reaches dose through its stage-4 mask alone.
-    assert reaches(g, "attention.3.1.") and reaches(g, "cross.4.kv.1.")
+    assert reaches(g, "masks.4.diagnosis.") and reaches(g, "cross.4.w_kv[1]")
 
 
 def test_mtan_masks_lie_in_unit_interval_and_multiply_shared_features():
     model = tiny_model("mtan", TWO).eval()
     seen = []
-    for s in range(4):
-        for t in range(2):
-            model.attention[s][t].register_forward_hook(lambda m, inp, out: seen.append((torch.sigmoid(m.mask(
+    for s in "1234":
+        for t in TWO:
+            model.masks[s][t].register_forward_hook(lambda m, inp, out: seen.append((torch.sigmoid(m.mask(
                 inp[0] if inp[2] is None else torch.cat([inp[0], inp[2]], 1))), inp[1], out)))
     model(tiny_input(2))
     assert len(seen) == 8
@@ -199,41 +218,42 @@ def test_mtan_masks_lie_in_unit_interval_and_multiply_shared_features():
         torch.testing.assert_close(out, mask * shared)
 
 
-def reference_cross_attention(att, feats, factor, pool_queries=True):
+def reference_cross_attention(att, feats, factor):
     """CrossTaskAttention written out plainly: per task, pool, normalise, project, attend, upsample, add."""
-    pool = lambda f: torch.nn.functional.avg_pool2d(f, factor, factor, ceil_mode=True) if factor > 1 else f
-    tok = lambda t, f: att.norm[t](f.flatten(2).transpose(1, 2))
-    heads = lambda x: x.unflatten(2, (att.heads, -1)).transpose(1, 2)
+    F = torch.nn.functional
+    pool = lambda f: F.avg_pool2d(f, factor, factor, ceil_mode=True) if factor > 1 else f
+    tok = lambda t, f: F.layer_norm(f.flatten(2).transpose(1, 2), f.shape[1:2])
+    linear = lambda w, b, t, x: x @ w[t] + (0 if b is None else b[t])
+    heads = lambda x: x.unflatten(2, (att.attention_heads, -1)).transpose(1, 2)
     out = []
     for t, f in enumerate(feats):
-        fq = pool(f) if pool_queries else f
-        kv = torch.cat([att.kv[s](tok(s, pool(g))) for s, g in enumerate(feats) if s != t], 1)
+        fq = pool(f)
+        kv = torch.cat([linear(att.w_kv, None, s, tok(s, pool(g))) for s, g in enumerate(feats) if s != t], 1)
         k, v = kv.chunk(2, -1)
-        a = torch.nn.functional.scaled_dot_product_attention(heads(att.q[t](tok(t, fq))), heads(k), heads(v))
-        a = att.out[t](a.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(fq.shape)
-        up = torch.nn.functional.interpolate(a, scale_factor=factor if pool_queries else 1, mode="nearest")
+        a = F.scaled_dot_product_attention(heads(linear(att.w_q, att.b_q, t, tok(t, fq))), heads(k), heads(v))
+        a = linear(att.w_o, att.b_o, t, a.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(fq.shape)
+        up = torch.nn.functional.interpolate(a, scale_factor=factor, mode="nearest")
         out.append(f + att.gate[t] * up[..., :f.shape[2], :f.shape[3]])  # each block gets its own token's update
     return out
 
 
 @pytest.mark.parametrize("shape, factor", [((2, 8, 32, 32), 4), ((2, 8, 8, 8), 1), ((1, 8, 10, 40), 4)])
-@pytest.mark.parametrize("pool_queries", [True, False])
-def test_cross_task_attention_pools_keys_to_bounded_tokens_and_matches_the_plain_formula(shape, factor, pool_queries):
+def test_cross_task_attention_pools_to_bounded_tokens_and_matches_the_plain_formula(shape, factor):
     """Keys and values are pooled by powers of 2 to at most max_tokens; the computation equals the plain
     per-task formula (including 10 x 40 pooled to 3 x 10, which does not divide the map: the update of the last
     block, 2 rows, is that of the token pooled from those 2 rows)."""
     torch.manual_seed(0)
-    att = ctan.CrossTaskAttention(channels=8, n_tasks=3, heads=2, max_tokens=64, gate_init=0.5,
-                                  pool_queries=pool_queries)
+    att = ctan.CrossTaskAttention(channels=8, n_tasks=3, attention_heads=2, max_tokens=64, gate_init=0.5)
     assert att.pool_factor(shape[2:]) == factor and att.pool_factor((16, 16, 16)) == 4
+    assert ctan.CrossTaskAttention(8, 2, max_tokens=None).pool_factor((64, 64, 64)) == 1  # None: no limit
     feats = [torch.randn(shape) for _ in range(3)]
     out = att(feats)
     assert all(o.shape == f.shape for o, f in zip(out, feats))
-    for a, b in zip(out, reference_cross_attention(att, feats, factor, pool_queries)):
+    for a, b in zip(out, reference_cross_attention(att, feats, factor)):
         torch.testing.assert_close(a, b)
-    if shape[2] % factor == 0:  # pooled queries: the update is constant over each pooled block; full ones: not
+    if shape[2] % factor == 0:  # the update is constant over each pooled block
         block = (out[0] - feats[0])[..., :factor, :factor]
-        assert torch.allclose(block, block[..., :1, :1].expand_as(block), atol=1e-6) == (pool_queries or factor == 1)
+        assert torch.allclose(block, block[..., :1, :1].expand_as(block), atol=1e-6)
 
 
 def test_window_partition_round_trips():
@@ -260,7 +280,7 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: ctan.build_model("unet", TWO, 1), "valid: stl, hps"),
+    (lambda: ctan.build_model("unet", TWO, 1), "arch must be one of stl, hps"),
     (lambda: ctan.build_model("hps", {"a": ("voxel", 1)}, 1), "kind in"),
     (lambda: ctan.build_model("hps", {"a": ("pixel", 0)}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("ctan", TWO, 1, dims=4), "dims must be 2 or 3"),
@@ -271,6 +291,23 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("mtan", TWO, 1, transition="bottleneck", **TINY), "'block' .* or 'conv'"),
     (lambda: ctan.build_model("hps", TWO, 1, block="wide", **TINY), "'bottleneck' or 'basic'"),
     (lambda: ctan.build_model("hps", TWO, 1, norm_kind="layer", **TINY), "'batch', 'group', 'instance'"),
+    (lambda: ctan.build_model("ctan", TWO, 1, max_tokens=0, **TINY), "max_tokens must be an integer >= 1 or None"),
+    (lambda: ctan.build_model("ctan", TWO, 1, attention_heads=0, **TINY), "attention_heads must be an integer >= 1"),
+    (lambda: ctan.build_model("ctan", TWO, 1, reduction=0, **TINY), "reduction must be an integer >= 1"),
+    (lambda: ctan.build_model("ctan", TWO, 1, gate_init=float("nan"), **TINY), "gate_init must be a finite number"),
+    (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=(0,), **TINY), "cross_stages must be stage numbers"),
+    (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=4, **TINY), "cross_stages must be stage numbers"),
+    (lambda: ctan.build_model("hps", TWO, 1, width=0), "width must be an integer >= 1"),
+    (lambda: ctan.build_model("hps", TWO, 1, depth=(2, 0)), "depth must be blocks per stage"),
+    (lambda: ctan.build_model("hps", TWO, 1, classifier_levels=(9,), **TINY), "classifier_levels must be indices"),
+    (lambda: ctan.build_model("mfe", TWO, 1, attention_heads=3, **TINY), "attention_heads must be .* divides"),
+    (lambda: ctan.build_model("hps", {"a": {"kind": "pixel", "n_out": 1}}, 1), "tasks must be"),
+    (lambda: ctan.build_model("hps", {"a": ("pixel", "3")}, 1), "n_out >= 1"),
+    (lambda: ctan.build_model("hps", {"a": ("pixel", 2.5)}, 1), "n_out >= 1"),
+    (lambda: ctan.build_model("hps", TWO, 0), "in_channels must be an integer >= 1"),
+    (lambda: ctan.build_model("hps", TWO, 1, encoder=42), "encoder must be an nn.Module"),
+    (lambda: ctan.Weighting("uncertainity", TWO), "method must be one of .*'uncertainty'"),
+    (lambda: ctan.GuidanceNetwork(2, [4], dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 40, 40)), "multiple of 32"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 3, 32, 32)), "expected input of shape"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, 32)), "2D model"),
@@ -288,6 +325,108 @@ def test_networks_can_be_built_directly_with_default_encoders():
             assert ctan.count_parameters(direct) == ctan.count_parameters(factory) > 20e6, arch
             assert type(direct.encoders["dose"] if arch == "stl" else direct.encoder) is type(
                 factory.encoders["dose"] if arch == "stl" else factory.encoder)
+
+
+def test_unknown_keywords_list_the_valid_options():
+    with torch.device("meta"):
+        with pytest.raises(TypeError, match="CTAN: unknown option 'width'; valid: dims, norm_kind, encoder, .*"
+                                            "transition, cross_stages, attention_heads"):
+            ctan.CTAN(TWO, 1, 2, width=8)
+        with pytest.raises(TypeError, match="MTAN: unknown option 'attention_heads'; valid: .*transition") as e:
+            ctan.MTAN(TWO, 1, attention_heads=2)
+        assert "cross_stages" not in str(e.value)
+        with pytest.raises(TypeError, match="unknown option 'widht'.*and width, depth, block, checkpointing"):
+            ctan.build_model("ctan", TWO, 1, widht=8)
+
+
+class OwnEncoder(torch.nn.Module):
+    """An encoder of one's own, written to the protocol: [stem, stage 1, stage 2], each stage halving the size."""
+
+    def __init__(self, with_block=True):
+        super().__init__()
+        conv = lambda cin, cout, stride: torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1),
+                                                             torch.nn.BatchNorm2d(cout), torch.nn.ReLU())
+        self.stem, self.pool, self.channels = conv(1, 8, 2), torch.nn.Identity(), [8, 8, 16]
+        self.stages = torch.nn.ModuleList([torch.nn.Sequential(conv(8, 8, 2), conv(8, 8, 1)),
+                                           torch.nn.Sequential(conv(8, 16, 2), conv(16, 16, 1))])
+        if with_block:
+            self.block = ctan.BasicBlock
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for stage in self.stages:
+            feats.append(stage(feats[-1] if len(feats) > 1 else self.pool(feats[0])))
+        return feats
+
+
+def test_own_encoder_by_protocol_module_or_factory():
+    x = torch.randn(2, 1, 32, 32)
+    for arch in ("hps", "mtan", "ctan", "stl"):
+        encoder = OwnEncoder if arch == "stl" else OwnEncoder()  # STL builds one per task: a factory
+        model = ctan.build_model(arch, TWO, 1, encoder=encoder)
+        out = model(x)
+        assert out["dose"].shape == (2, 1, 32, 32) and out["diagnosis"].shape == (2, 3), arch
+    assert isinstance(ctan.build_model("ctan", TWO, 1, encoder=OwnEncoder).transitions["2"], ctan.BasicBlock)
+    with pytest.raises(ValueError, match="with channels, stem, pool, stages, block .* OwnEncoder lacks block"):
+        ctan.CTAN(TWO, 1, encoder=OwnEncoder(with_block=False))
+    ctan.CTAN(TWO, 1, encoder=OwnEncoder(with_block=False), transition="conv")(x)  # "conv" needs no block class
+    with pytest.raises(ValueError, match="lacks stem, pool, stages"):
+        ctan.MTAN(TWO, 1, encoder=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="stl builds one per task"):
+        ctan.STL(TWO, 1, encoder=OwnEncoder())
+
+
+def test_heads_follow_the_model_dtype():
+    """The heads cast to their own dtype: a float64 model (gradient checks) and a bf16 model run; under autocast the
+    outputs stay fp32 (test_pixel_heads_output_conv_runs_in_fp32_under_autocast)."""
+    for dtype in (torch.float64, torch.bfloat16):
+        model = tiny_model("ctan", TWO, in_channels=1).to(dtype)
+        out = model(torch.randn(2, 1, 64, 64, dtype=dtype))
+        assert all(o.dtype == dtype for o in out.values()), dtype
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_ctan_dispatches_at_most_1_2_times_the_ops_of_mtan_per_training_step():
+    """Ops dispatched by a training step as train.py takes it on a CPU (forward, loss, backward, AdamW): the
+    cross-task attention runs every task at once, so it adds a fixed number of ops per stage, not one set per task."""
+    counts = {}
+    for arch in ("mtan", "ctan"):
+        model = tiny_model(arch, TASK_MIXES["pixel+pixel"], in_channels=1, width=8)
+        optimizer, x = torch.optim.AdamW(model.parameters()), torch.randn(2, 1, 128, 128)  # pooled at stage 1
+        with CountOps() as ops:
+            sum(o.square().mean() for o in model(x).values()).backward()
+            optimizer.step()
+        counts[arch] = ops.count
+    assert counts["ctan"] <= 1.2 * counts["mtan"], counts
+
+
+def test_readme_usage_runs_from_a_copy_of_ctan_py_alone(tmp_path, monkeypatch):
+    """README's example, run on a copy of ctan.py (in this process: a new one pays a minute of kernel warm-up on a
+    busy 2-core machine), which imports the standard library and torch, nothing of this repository."""
+    here = Path(__file__).resolve().parent
+    code = (here / "README.md").read_text().split("## Use ctan.py in your code")[1].split("```python\n")[1]
+    shutil.copy(here / "ctan.py", tmp_path)
+    tree = ast.parse((tmp_path / "ctan.py").read_text())
+    imported = {(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name).split(".")[0]
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    assert imported <= set(sys.stdlib_module_names) | {"torch"}, imported
+    spec = importlib.util.spec_from_file_location("ctan", tmp_path / "ctan.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    monkeypatch.setitem(sys.modules, "ctan", copy)
+    namespace = {}
+    exec(compile(code.split("```")[0], "README.md", "exec"), namespace)
+    assert namespace["ctan"] is copy and sorted(namespace["out"]) == ["diagnosis", "dose"]
+    assert torch.isfinite(namespace["loss"]) and namespace["weighting"].log_vars.grad is not None
 
 
 def test_checkpointing_gives_the_same_gradients():
@@ -1239,7 +1378,7 @@ def test_uncertainty_weighting_is_learnable():
 # ------------------------------------------------------------------ config: one table, the device picks the GPU path
 def test_defaults_when_cuda_is_available_match_the_readme(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    readme = (HERE / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
     rows = readme.split("<!-- gpu-defaults -->")[1].strip().splitlines()[2:]
     table = {cells[1].strip("` "): cells[2].strip("` ") for cells in (r.split("|") for r in rows) if len(cells) > 3}
     for dataset, dims in (("openkbp", 2), ("openkbp", 3), ("ham10000", 2), ("stoic", 3)):
@@ -1544,7 +1683,7 @@ def test_transition_option_reaches_the_model(synthetic, tmp_path):
                                                           transition)))
         model = train.build_model(cfg, data.task_spec("openkbp", 10), 1)
         sizes[transition] = ctan.count_parameters(model)
-        assert isinstance(model.transition[0][0], ctan.Bottleneck) == (transition == "block")
+        assert isinstance(model.transitions["2"], ctan.Bottleneck) == (transition == "block")
     assert sizes["conv"] < sizes["block"]
 
 
