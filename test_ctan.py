@@ -370,7 +370,7 @@ def test_own_encoder_by_protocol_module_or_factory():
     with pytest.raises(ValueError, match="with channels, stem, pool, stages, block .* OwnEncoder lacks block"):
         ctan.CTAN(TWO, 1, encoder=OwnEncoder(with_block=False))
     ctan.CTAN(TWO, 1, encoder=OwnEncoder(with_block=False), transition="conv")(x)  # "conv" needs no block class
-    with pytest.raises(ValueError, match="lacks stem, pool, stages"):
+    with pytest.raises(ValueError, match="Linear lacks channels, stem, pool, stages, block"):
         ctan.MTAN(TWO, 1, encoder=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="stl builds one per task"):
         ctan.STL(TWO, 1, encoder=OwnEncoder())
