@@ -5,7 +5,7 @@ CTAN's data flow, in the notation used throughout (tasks t = 1..T, encoder stage
     x (B, C_in, *S), 2D or 3D  ->  shared encoder: stem, then stages s giving shared features p^s
     task-specific features (MTAN's attention):  a_t^s = m_t^s * p^s,  m_t^s = mask_t^s([p_b^s ; g^s(a_t^(s-1))])
         p_b^s: the shared features before stage s's last block; g^s: the transition into stage s
-    cross-task attention after stage s:  a_t^s <- a_t^s + gamma_t up(W_o^t MHA(q_t, k_t, v_t)), where task t's
+    cross-task attention after stage s:  a_t^s <- a_t^s + gamma_t up(W_o^t MHA(q_t, k_t, v_t) + b_o^t), where t's
         queries q_t come from its own a_t^s and its keys and values k_t, v_t from every other task's a_r^s
     task heads: task t reads [stem, a_t^1 .. a_t^4]: a U-Net decoder (pixel-level) or pooling + MLP (image-level)
 
@@ -14,18 +14,15 @@ the paper: a shared encoder, cross-task attention (a task's queries, the other t
 per pixel-level task, the baselines STL, HPS, MTAN. Ours (inferred, each an argument): the task features are MTAN's
 masks and transitions (so CTAN vs MTAN isolates the exchange), pooling, heads, widths. Each class says whose is what.
 
-Map of the file:
-    CrossTaskAttention, TaskAttention        the attention: CTAN's exchange, MTAN's task masks it builds on
-    MultiTaskNet, MTAN, CTAN, STL, HPS       the networks: CTAN, the paper's baselines
-    ResNetEncoder (and the encoder protocol), PixelDecoder, ImageClassifier, dimension-generic layers
-    MFEUNet; GuidanceObjective, GuidedModel  related systems: MFE-UNet; deep multimodal guidance
-    Weighting, build_model                   task-loss weighting; the factory with every size option
+Map of the file: CrossTaskAttention, TaskAttention (CTAN's exchange, MTAN's masks); MultiTaskNet, MTAN, CTAN, STL,
+HPS (the networks); ResNetEncoder (and the encoder protocol), PixelDecoder, ImageClassifier, layers; MFEUNet,
+GuidanceObjective, GuidedModel (related systems); Weighting (task losses), build_model (any network, any size).
 
 Usage (outputs are raw: logits for segmentation and classification, unscaled values for regression):
     tasks = {"dose": ("pixel", 1), "diagnosis": ("image", 3)}   # {name: (kind, n_out)}, kind "pixel" or "image"
     model = build_model("ctan", tasks, in_channels=1, dims=2, width=16, depth=(2, 2, 2, 2))
     out = model(torch.randn(8, 1, 128, 128))   # {"dose": (8, 1, 128, 128), "diagnosis": (8, 3)}; sizes % 32 == 0
-    weighting = Weighting("equal", tasks)      # give weighting.parameters() to the optimiser too
+    weighting = Weighting("equal", tasks)      # "uncertainty": give weighting.parameters() to the optimiser
     loss = weighting({"dose": F.l1_loss(out["dose"], dose), "diagnosis": F.cross_entropy(out["diagnosis"], y)})
 """
 import inspect
@@ -112,12 +109,14 @@ class TaskAttention(nn.Module):
         return m.sigmoid_() * p  # in place: the norm's backward does not read its output
 
 # The networks: the common base, MTAN, CTAN, then the baselines STL and HPS ------------------------------------------
+class UnknownOption(TypeError):
+    """A keyword argument that the network does not take; the message lists those it does."""
+
 class MultiTaskNet(nn.Module):
     """Base of every network (ours): checks the tasks, builds the encoder (``encoder``: a module or a function
     returning one, see ResNetEncoder for the protocol; default ResNet-50) and one head per task (``make_head``).
     Subclasses define ``features(x) -> {task: [maps, shallow to deep]}``; forward maps x (B, C_in, *S) to
     {task: (B, n_out, *S) for pixel-level tasks, (B, n_out) for image-level ones}."""
-    size_multiple = 32  # the default encoder halves the size five times
     per_task_encoders = False  # STL: one encoder per task
     needs = ("channels",)  # what features() uses of the encoder
 
@@ -126,7 +125,7 @@ class MultiTaskNet(nn.Module):
         super().__init__()
         if unknown:
             valid = [p for c in type(self).__mro__[-3::-1] for p in inspect.signature(c.__init__).parameters][3:]
-            raise TypeError(f"{type(self).__name__}: unknown option {', '.join(map(repr, unknown))}; valid: "
+            raise UnknownOption(f"{type(self).__name__}: unknown option {', '.join(map(repr, unknown))}; valid: "
                             f"{', '.join(dict.fromkeys(p for p in valid if p not in ('self', 'options', 'unknown')))}")
         self.tasks = check_tasks(tasks)
         self.in_channels = check_arg("in_channels", in_channels, is_int, "an integer >= 1")
@@ -139,10 +138,10 @@ class MultiTaskNet(nn.Module):
             self.encoders = nn.ModuleDict({name: self.make_encoder(encoder) for name in self.tasks})
         else:
             self.encoder = self.make_encoder(encoder)
-        channels = (self.encoders[next(iter(self.tasks))] if self.per_task_encoders else self.encoder).channels
-        check_arg("classifier_levels", classifier_levels, lambda v: len(v) > 0 and all(
-            is_int(i, -len(channels)) and i < len(channels) for i in v), f"indices into the encoder's {len(channels)}"
-                  " maps (e.g. (-1,): the deepest)")
+        self.channels = channels = list((self.encoders[next(iter(self.tasks))] if self.per_task_encoders else
+                                         self.encoder).channels)
+        check_arg("classifier_levels", classifier_levels, lambda v: len(v) > 0 and is_ints(v, -len(channels)) and
+                  max(v) < len(channels), f"indices into the encoder's {len(channels)} maps, e.g. (-1,): the deepest")
         self.heads = nn.ModuleDict({name: make_head(dims, kind, channels, n, norm_kind, classifier_levels,
                                                     classifier_hidden) for name, (kind, n) in self.tasks.items()})
 
@@ -150,32 +149,39 @@ class MultiTaskNet(nn.Module):
         return ResNetEncoder(self.dims, self.in_channels)  # ResNet-50
 
     def make_encoder(self, encoder):
-        if encoder is None or callable(encoder) and not isinstance(encoder, nn.Module):
-            encoder = self.default_encoder() if encoder is None else encoder()
+        try:  # a module, or a function (a class) that returns one
+            encoder = encoder if isinstance(encoder, nn.Module) else (encoder or self.default_encoder)()
+        except TypeError as e:  # not callable, or called without the arguments it needs
+            raise ValueError(f"encoder must be a module or a function returning one (e.g. lambda: "
+                             f"ResNetEncoder(2, 1)): {e}") from None
         missing = [name for name in self.needs if not hasattr(encoder, name)]
         if not isinstance(encoder, nn.Module) or missing:
-            raise ValueError(f"encoder must be an nn.Module (or a function returning one) with {', '.join(self.needs)}"
-                             f" (the protocol: ResNetEncoder); {type(encoder).__name__} lacks {', '.join(missing) or 'them'}")
+            raise ValueError(f"encoder must be a module, or a function returning one, with {', '.join(self.needs)} "
+                             f"(the protocol: ResNetEncoder): {type(encoder).__name__} lacks {', '.join(missing)}")
         return encoder
 
     def check(self, x):
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input of shape (B, {self.in_channels}, {', '.join('S' * self.dims)}) "
                              f"for this {self.dims}D model, got {tuple(x.shape)}")
-        if any(s % self.size_multiple for s in x.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {self.size_multiple} "
-                             "(the encoder halves it five times): crop or pad the input")
+        if any(s % 2 ** len(self.channels) for s in x.shape[2:]):  # each of the encoder's maps halves the size
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {2 ** len(self.channels)} "
+                             f"(the encoder halves it {len(self.channels)} times): crop or pad the input")
 
     def forward(self, x):
         self.check(x)
-        return {name: self.heads[name](feats, x.shape[2:]) for name, feats in self.features(x).items()}
+        feats = self.features(x)
+        if any([f.shape[1] for f in maps] != self.channels for maps in feats.values()):
+            raise ValueError(f"encoder: its maps have {[f.shape[1] for f in next(iter(feats.values()))]} channels, "
+                             f"its channels say {self.channels}")
+        return {name: self.heads[name](maps, x.shape[2:]) for name, maps in feats.items()}
 
 class MTAN(MultiTaskNet):
     """MTAN baseline (from MTAN, its official ResNet code): a shared encoder; per task and stage a TaskAttention
     mask on the stage's shared features; a_t^(s-1) reaches stage s's mask through the transition g^s.
     ``transition``: "block" (official: one residual block per stage, shared by the tasks, stride 1, then a 2x
     max-pool where the encoder downsamples; the encoder's ``block`` class) or "conv" (ours: a strided 1x1
-    conv-norm-ReLU per task, far fewer FLOPs). Task t's head reads [stem, a_t^1 .. a_t^4]."""
+    conv-norm-ReLU per task, far fewer FLOPs). Task t's head reads [stem, a_t^1 .. a_t^4] (ours: U-Net skips)."""
     needs = ("channels", "stem", "pool", "stages")
 
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block", **options):
@@ -185,8 +191,8 @@ class MTAN(MultiTaskNet):
         enc, names = self.encoder, list(self.tasks)
         if len(enc.channels) != len(enc.stages) + 1 or any(not isinstance(st, nn.Sequential) or len(st) < 2
                                                            for st in enc.stages):  # the masks read the next-to-last
-            raise ValueError("mtan/ctan need encoder stages of depth >= 2 blocks (nn.Sequential) and channels for "
-                             "[stem, stage 1 .. n]")
+            raise ValueError(f"depth: mtan/ctan need stages of depth >= 2 blocks (nn.Sequential) and channels for "
+                             f"[stem, stage 1 .. n], got {[len(st) for st in enc.stages]}, {enc.channels}")
         ch = enc.channels[1:]
         self.masks = nn.ModuleDict({str(s): nn.ModuleDict({t: TaskAttention(dims, c * (1 if s == 1 else 2), c,
                                                                             norm_kind) for t in names})
@@ -207,8 +213,7 @@ class MTAN(MultiTaskNet):
             if s > 1:  # g^s(a_t^(s-1)): to stage s's channels, then (official MTAN) max-pooled to its size
                 g = self.transitions[str(s)]
                 a = [run(enc, g[t] if isinstance(g, nn.ModuleDict) else g, a_t) for t, a_t in zip(names, a)]
-                a = [y if y.shape[2:] == p.shape[2:] else (F.max_pool2d if y.dim() == 4 else F.max_pool3d)(y, 2)
-                     for y in a]
+                a = [y if y.shape == p.shape else F.max_pool2d(y, 2) if y.dim() == 4 else F.max_pool3d(y, 2) for y in a]
             a = [self.masks[str(s)][t](p_b, p, a_t) for t, a_t in zip(names, a)]  # a_t^s = m_t^s * p^s
             if str(s) in self.cross:
                 a = self.cross[str(s)](a)  # CTAN: the tasks exchange their features
@@ -217,17 +222,19 @@ class MTAN(MultiTaskNet):
 
 class CTAN(MTAN):
     """Cross-Task Attention Network (from the paper: cross-task attention between the tasks' features in a shared
-    encoder, a head per task). Ours, inferred: its task features are MTAN's (masks and transitions, see MTAN), so
-    CTAN is MTAN plus a CrossTaskAttention after each stage in ``cross_stages`` (ours: None, all of them; 4 is
-    ResNet's bottleneck; () gives exactly MTAN). The exchanged a_t^s flow into the next stage's mask, the skips and the heads.
-    ``attention_heads``, ``reduction``, ``max_tokens``, ``gate_init``: see CrossTaskAttention."""
+    encoder, a head per task). Ours, inferred: its task features are MTAN's (masks, transitions), so CTAN is MTAN plus
+    a CrossTaskAttention after each stage in ``cross_stages`` (ours: None, all; () is MTAN). The exchanged a_t^s
+    flow into the next mask, the skips and the heads. ``attention_heads``, ``reduction``, ``max_tokens``,
+    ``gate_init``: see CrossTaskAttention."""
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
                  cross_stages=None, attention_heads=4, reduction=4, max_tokens=512, gate_init=0.1,
                  **options):
         super().__init__(tasks, in_channels, dims, norm_kind, encoder, transition, **options)
+        if len(self.tasks) < 2:
+            raise ValueError(f"tasks: ctan needs at least two tasks (else nothing to attend to), got {tasks}")
         n = len(self.encoder.stages)
         cross_stages = range(1, n + 1) if cross_stages is None else cross_stages
-        check_arg("cross_stages", cross_stages, lambda v: all(is_int(s) and s <= n for s in v),
+        check_arg("cross_stages", cross_stages, lambda v: is_ints(v) and all(s <= n for s in v),
                   f"stage numbers within 1..{n}, e.g. (4,) for the bottleneck alone")
         self.cross.update({str(s): CrossTaskAttention(self.encoder.channels[s], len(self.tasks), attention_heads,
                                                       reduction, max_tokens, gate_init)
@@ -278,22 +285,23 @@ class Bottleneck(ResidualBlock):
                          conv_norm(dims, mid, cout, 1, 1, norm_kind, act=False))
 
 class ResNetEncoder(nn.Module):
-    """Shared encoder (ours, after the follow-up paper's ResNet-50): 7x7 stride-2 stem, max-pool, stages of
-    ``depth[s]`` blocks (width * 2**s * expansion channels). Returns [stem, stage 1 .. 4] at /2, /4 .. /32.
+    """Shared encoder (ours, after the follow-up paper's ResNet-50): 7x7 stride-2 stem, max-pool, stage s = 1..n of
+    depth[s-1] blocks and width * 2**(s-1) * expansion channels; returns [stem, stage 1 .. 4] at /2, /4 .. /32.
     ``block="basic"`` gives ResNet-34; ``checkpointing`` recomputes stages in the backward pass (3D memory).
-    The encoder protocol, for an ``encoder=`` of your own: an nn.Module whose forward(x) returns the maps
-    [stem, stage 1 .. n], shallow to deep, with ``channels``, their channel counts. MTAN and CTAN also call its
-    parts: ``stem`` (x -> first map), ``pool`` (first map -> stage 1's input), ``stages`` (n nn.Sequential of at
-    least 2 blocks: the masks read the next-to-last) and, for transition="block", ``block``, a class called as
-    block(dims, cin, cout, stride, norm_kind). Optional: ``run(fn, *args)``, which returns fn(*args)."""
+    The encoder protocol, for an ``encoder=`` of your own: an nn.Module whose forward(x) returns the maps [stem,
+    stage 1 .. n], each halving the size, with ``channels``, their channel counts. MTAN and CTAN also call ``stem``
+    (x -> first map), ``pool`` (first map -> stage 1's input), ``stages`` (n nn.Sequential of >= 2 blocks: the
+    masks read the next-to-last) and, for transition="block", ``block``, a class: block(dims, cin, cout, stride,
+    norm_kind). Optional: ``run(fn, *args)``, returning fn(*args) (checkpointing)."""
     def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), block="bottleneck", norm_kind="batch",
                  checkpointing=False):
         super().__init__()
         check_arg("width", width, is_int, "an integer >= 1")
-        check_arg("depth", depth, lambda v: len(v) > 0 and all(is_int(n) for n in v), "blocks per stage: (3, 4, 6, 3)")
+        check_arg("depth", depth, lambda v: len(v) > 0 and is_ints(v), "blocks per stage: (3, 4, 6, 3)")
         check_arg("block", block, lambda v: v in ("bottleneck", "basic"), "'bottleneck' or 'basic'")
         check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
         self.block, self.checkpointing = {"bottleneck": Bottleneck, "basic": BasicBlock}[block], checkpointing
+        self.branches = None  # ResFormer: a module beside each stage, outputs summed
         self.stem = nn.Sequential(*conv_norm(dims, in_channels, width, 7, 2, norm_kind))
         self.pool = (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(3, stride=2, padding=1)
         self.channels = [width] + [width * 2 ** s * self.block.expansion for s in range(len(depth))]
@@ -311,8 +319,8 @@ class ResNetEncoder(nn.Module):
     def forward(self, x):
         feats = [self.stem(x)]
         x = self.pool(feats[0])
-        for stage in self.stages:
-            x = self.run(stage, x)
+        for s, stage in enumerate(self.stages):
+            x = self.run(stage, x) if self.branches is None else self.run(stage, x) + self.run(self.branches[s], x)
             feats.append(x)
         return feats
 
@@ -436,17 +444,9 @@ class ResFormerEncoder(ResNetEncoder):
         check_arg("attention_heads", attention_heads, lambda v: is_int(v) and all(c % v == 0 for c in self.channels),
                   f"an integer >= 1 that divides every stage's channels {self.channels[1:]}")
         check_arg("window", window, is_int, "an integer >= 1")
-        self.transformers = nn.ModuleList(
+        self.branches = nn.ModuleList(
             WindowTransformer(dims, self.channels[s], self.channels[s + 1], 1 if s == 0 else 2, attention_heads,
                               window) for s in range(len(depth)))
-
-    def forward(self, x):
-        feats = [self.stem(x)]
-        x = self.pool(feats[0])
-        for stage, transformer in zip(self.stages, self.transformers):
-            x = self.run(stage, x) + self.run(transformer, x)
-            feats.append(x)
-        return feats
 
 class DilatedFeatureEnhancement(nn.Module):
     """DFE skip refinement (from MFE-UNet): a 1x1 branch and 3x3 branches with dilations 6, 12, 18, concatenated,
@@ -471,7 +471,7 @@ class MFEUNet(MultiTaskNet):
     head has no activation between its linear layers; ours reuses ``ImageClassifier``, ReLU and dropout there)."""
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, dilations=(6, 12, 18),
                  classifier_levels=(-2, -1), classifier_hidden=32, **options):
-        check_arg("dilations", dilations, lambda v: all(is_int(d) for d in v), "integers >= 1, e.g. (6, 12, 18)")
+        check_arg("dilations", dilations, is_ints, "a tuple of integers >= 1, e.g. (6, 12, 18)")
         super().__init__(tasks, in_channels, dims, norm_kind, encoder, classifier_levels, classifier_hidden,
                          **options)
         self.pixel_tasks = [name for name, (kind, _) in self.tasks.items() if kind == "pixel"]
@@ -547,13 +547,9 @@ class GuidedModel(Frozen):
 
     def forward(self, x):
         self.inferior.check(x)
-        feats = self.inferior.features(x)
-        out = {}
-        for name, head in self.heads.items():
-            guided = self.guidance(feats[name])
-            out[name] = head([torch.cat(p, 1) for p in zip(feats[name], guided)] if self.combine else guided,
-                             x.shape[2:])
-        return out
+        feats = {name: (f, self.guidance(f)) for name, f in self.inferior.features(x).items()}  # (f, G(f))
+        return {name: head([torch.cat(p, 1) for p in zip(*feats[name])] if self.combine else feats[name][1],
+                           x.shape[2:]) for name, head in self.heads.items()}
 
 # Task weighting -------------------------------------------------------------------------------------------------------
 class Weighting(nn.Module):
@@ -570,6 +566,7 @@ class Weighting(nn.Module):
     def __init__(self, method, tasks, temperature=2.0):
         super().__init__()
         check_arg("method", method, lambda v: v in self.METHODS, f"one of {self.METHODS}")
+        check_arg("tasks", tasks, lambda v: isinstance(v, dict) and v, "{name: (kind, n_out)}, as the network's")
         check_arg("temperature", temperature, lambda v: is_real(v) and v > 0, "a positive number")
         self.method, self.tasks, self.temperature = method, list(tasks), temperature
         self.image_tasks = {name for name, (kind, _) in tasks.items() if kind == "image"}
@@ -586,6 +583,8 @@ class Weighting(nn.Module):
         return {t: 0.25 if self.method == "mfe" and t in self.image_tasks else 1.0 for t in self.tasks}
 
     def forward(self, losses):
+        if set(losses) != set(self.tasks):
+            raise ValueError(f"losses: expected one for each of {self.tasks}, got {sorted(losses)}")
         if self.method == "uncertainty":
             return sum(0.5 * torch.exp(-s) * losses[t] + 0.5 * s for t, s in zip(self.tasks, self.log_vars))
         w = self.weights()
@@ -603,17 +602,18 @@ class Weighting(nn.Module):
 # Checks and the factory ----------------------------------------------------------------------------------------------
 def is_int(v, low=1):
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+def is_ints(v, low=1):
+    return isinstance(v, (tuple, list, range)) and all(is_int(i, low) for i in v)
 def is_real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 def check_arg(name, value, ok, valid):
     """value if ok(value), else one ValueError naming the argument and what it may be."""
     try:
-        good = ok(value)
+        if ok(value):
+            return value
     except TypeError:  # e.g. len() of a number
-        good = False
-    if not good:
-        raise ValueError(f"{name} must be {valid}, got {value!r}")
-    return value
+        pass
+    raise ValueError(f"{name} must be {valid}, got {value!r}")
 
 def check_tasks(tasks):
     """{name: (kind, n_out)}: names are strings, kind is "pixel" or "image", n_out an integer >= 1."""
@@ -642,8 +642,8 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
                    (lambda: ResNetEncoder(dims, in_channels, block=block, **enc)))
     try:
         return NETWORKS[arch](tasks, in_channels, dims, norm_kind=norm_kind, encoder=encoder, **options)
-    except TypeError as e:  # an unknown option: build_model's own are valid too
-        raise TypeError(f"build_model: {e}, and width, depth, block, checkpointing" +
+    except UnknownOption as e:  # build_model's own options are valid too
+        raise UnknownOption(f"build_model: {e}, and width, depth, block, checkpointing" +
                         ", attention_heads, window" * (arch == "mfe")) from None
 
 def count_parameters(model):

@@ -305,7 +305,11 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("hps", {"a": ("pixel", "3")}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("hps", {"a": ("pixel", 2.5)}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("hps", TWO, 0), "in_channels must be an integer >= 1"),
-    (lambda: ctan.build_model("hps", TWO, 1, encoder=42), "encoder must be an nn.Module"),
+    (lambda: ctan.build_model("hps", TWO, 1, encoder=42), "encoder must be a module or a function"),
+    (lambda: ctan.build_model("hps", TWO, 1, encoder=ctan.ResNetEncoder), "e.g. lambda: ResNetEncoder"),
+    (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=(s for s in (1, 2)), **TINY), "cross_stages must be"),
+    (lambda: ctan.build_model("hps", TWO, 1, encoder=OwnEncoder(channels=[8, 8, 8]))(torch.zeros(1, 1, 32, 32)),
+     r"encoder: its maps have \[8, 8, 16\] channels, its channels say \[8, 8, 8\]"),
     (lambda: ctan.Weighting("uncertainity", TWO), "method must be one of .*'uncertainty'"),
     (lambda: ctan.GuidanceNetwork(2, [4], dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 40, 40)), "multiple of 32"),
@@ -342,11 +346,11 @@ def test_unknown_keywords_list_the_valid_options():
 class OwnEncoder(torch.nn.Module):
     """An encoder of one's own, written to the protocol: [stem, stage 1, stage 2], each stage halving the size."""
 
-    def __init__(self, with_block=True):
+    def __init__(self, with_block=True, channels=(8, 8, 16)):
         super().__init__()
         conv = lambda cin, cout, stride: torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1),
                                                              torch.nn.BatchNorm2d(cout), torch.nn.ReLU())
-        self.stem, self.pool, self.channels = conv(1, 8, 2), torch.nn.Identity(), [8, 8, 16]
+        self.stem, self.pool, self.channels = conv(1, 8, 2), torch.nn.Identity(), list(channels)
         self.stages = torch.nn.ModuleList([torch.nn.Sequential(conv(8, 8, 2), conv(8, 8, 1)),
                                            torch.nn.Sequential(conv(8, 16, 2), conv(16, 16, 1))])
         if with_block:
