@@ -1,6 +1,7 @@
 """Tests for ctan.py, data.py and train.py (CPU, tiny shapes): `python -m pytest -q test_ctan.py`.
 
-The real-data tests read ../shared/data/openkbp (20 OpenKBP patients) and are skipped where it is absent."""
+The real-data tests read ../shared/data/openkbp (20 OpenKBP patients) and ../shared/data/ham10000 ($OPENKBP_SAMPLE,
+$HAM10000_SAMPLE) and are skipped where they are absent."""
 import csv
 import io
 import json
@@ -351,6 +352,7 @@ def test_channels_last_and_bf16_autocast_forward_backward_of_every_arch(dims):
 # ============================================================================================
 HERE = Path(__file__).resolve().parent
 REAL_OPENKBP = Path(os.environ.get("OPENKBP_SAMPLE", HERE.parent / "shared" / "data" / "openkbp"))
+REAL_HAM = Path(os.environ.get("HAM10000_SAMPLE", HERE.parent / "shared" / "data" / "ham10000"))
 TINY_DATA = {"openkbp": dict(n=4, size=32), "prostate": dict(n=4, size=32), "ham10000": dict(n=12, size=32),
         "stoic": dict(n=5, size=32)}
 
@@ -631,6 +633,44 @@ def test_ham10000_round_trip(tmp_path):
         assert a.attrs["digest"] == b.attrs["digest"]
     other = data.convert("ham10000", tmp_path / "raw", tmp_path / "ham3.h5", size="64x32", seed=6, log=io.StringIO())
     assert data.open_dataset(other, "train").digest != data.open_dataset(out, "train").digest
+
+
+@pytest.mark.skipif(not REAL_HAM.is_dir(), reason="real HAM10000 not present (../shared/data/ham10000)")
+def test_real_ham10000_palette_masks_and_sizes(tmp_path):
+    """Five real images (symlinked): JPEGs 200x150 but masks 600x450, two masks palette PNGs whose palette is
+    inverted (index 0 white), one mask all lesion, one image in part 2. Lesion is where the mask's colour is white."""
+    ids = ("ISIC_0024306", "ISIC_0024316", "ISIC_0024317", "ISIC_0026042", "ISIC_0034320")
+    raw, files = tmp_path / "raw", {}
+    (raw / data.HAM_MASK_DIR).mkdir(parents=True)
+    for i in ids:
+        jpg = next(REAL_HAM.glob(f"*_images_part*/{i}.jpg"))
+        png = REAL_HAM / data.HAM_MASK_DIR / f"{i}_segmentation.png"
+        (raw / jpg.parent.name).mkdir(exist_ok=True)
+        for link, target in ((raw / jpg.parent.name / jpg.name, jpg), (raw / data.HAM_MASK_DIR / png.name, png)):
+            link.symlink_to(target)
+        files[i] = (Image.open(jpg), Image.open(png))
+    with open(REAL_HAM / data.HAM_METADATA, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["image_id"] in ids]
+    with open(raw / data.HAM_METADATA, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = data.convert("ham10000", raw, tmp_path / "ham.h5", size="96x64", log=io.StringIO())
+    splits = [data.open_dataset(out, s) for s in data.SPLITS]
+    cases = {c["id"]: c for ds in splits for c in map(ds.case, range(ds.num_cases))}
+    assert sorted(cases) == sorted(ids) and {m.mode for _, m in files.values()} == {"L", "P"}
+    for i, (rgb, mask) in files.items():
+        got = cases[i]
+        assert rgb.size == (200, 150) and mask.size == (600, 450) and tuple(got["original_size"]) == (150, 200)
+        palette = np.array(mask.getpalette()).reshape(-1, 3)[:, 0] if mask.mode == "P" else np.arange(256)
+        white = palette[np.asarray(mask)]  # the colour of each pixel, looked up without convert()
+        assert set(np.unique(white)) <= {0, 255}
+        want = np.asarray(Image.fromarray(white.astype(np.uint8)).resize((96, 64), Image.Resampling.BILINEAR)) > 128
+        np.testing.assert_array_equal(got["segmentation"], want, err_msg=i)
+        np.testing.assert_array_equal(got["image"], np.asarray(rgb.convert("RGB").resize((96, 64), Image.BILINEAR)))
+        corners = got["segmentation"][[0, 0, -1, -1], [0, -1, 0, -1]]
+        assert got["segmentation"][32, 48] and corners.all() == (i == "ISIC_0026042") and corners.any() == corners.all()
+        assert abs(got["segmentation"].mean() - (white > 128).mean()) < 0.02, i
 
 
 # ----------------------------------------------------------------------------- MetaImage / STOIC fixtures
