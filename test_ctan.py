@@ -1592,17 +1592,17 @@ def test_transition_option_reaches_the_model(synthetic, tmp_path):
 def test_bench_times_several_archs_with_flops(synthetic, tmp_path, capsys):
     """--bench runs (a measurement: nothing about its times is asserted)."""
     argv = _argv(synthetic, tmp_path / "bench", "ham10000", "hps,ctan") + ["--bench", "--steps", "1", "--batch-size",
-                                                                          "2", "--peak-tflops", "1"]
+                                                                          "2", "--peak-tflops", "1", "--width", "16"]
     result = train.main(argv)
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert lines == result["results"] + [{"ratios_vs": "hps", "ratios": result["ratios"]}]
     hps, ctn = result["results"]
-    assert hps["input"] == [2, 3, 192, 256] and hps["precision"] == "fp32"  # the real HAM10000 size, random tensors
+    assert hps["input"] == [2, 3, 32, 32] and hps["precision"] == "fp32"  # random tensors of the --data file's size
     assert ctn["gflop_per_step"] > hps["gflop_per_step"] > 0 and ctn["params"] > hps["params"]
     assert hps["mfu"] == pytest.approx(hps["tflops"], rel=1e-3, abs=1e-4)  # peak 1 TFLOP/s
     assert 0 < hps["estimated_memory_gib"] < ctn["estimated_memory_gib"]
     assert result["ratios"]["ctan"]["flops"] == pytest.approx(ctn["gflop_per_step"] / hps["gflop_per_step"], rel=1e-2)
-    assert hps["hdf5"]["input"] == [2, 3, 32, 32] and 0 <= hps["hdf5"]["data_wait_fraction"] <= 1
+    assert hps["hdf5"]["file"] == str(synthetic["ham10000"]) and 0 <= hps["hdf5"]["data_wait_fraction"] <= 1
     assert not (tmp_path / "bench").exists()  # a benchmark writes no run
 
 
@@ -1624,6 +1624,7 @@ def test_bench_with_compile_times_the_compiled_model(synthetic, tmp_path, monkey
     argv = _argv(synthetic, tmp_path / "b", "openkbp", "hps", "--bench", "--compile", "--steps", "1", "--data", "none")
     hps = train.main(argv + ["--batch-size", "2"])["results"][0]
     assert hps["compile"] is True and hps["gflop_per_step"] > 0 and modes and set(modes) == {None}
+    assert hps["input"] == [2, 1, 128, 128] and "hdf5" not in hps  # no file: the real OpenKBP slice size
 
 
 DDP_SPY = """

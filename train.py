@@ -735,7 +735,7 @@ def run_guidance(cfg, log=print):
     log(f"results: {Path(cfg['out']) / 'results.json'}")
     return summary
 
-# === Benchmark (--bench): training steps at the dataset's real input size, several archs interleaved ===
+# === Benchmark (--bench): training steps at the data file's item size, several archs interleaved ===
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense bf16, datasheets
 
 def memory_estimate_gib(cfg, shape):
@@ -762,13 +762,15 @@ def timed_step(run, next_batch):
 
 def bench(cfg, log=print):
     """Times --steps training steps (after a warm-up) of every arch of --arch a,b,... interleaved in one
-    process, on random tensors of the real input size already on the device; with a --data file, the
-    first arch through the DataLoader too (data-wait fraction) and the loader alone (the rate it can
-    feed). One JSON line per arch (FLOPs from torch.utils.flop_counter, TFLOP/s, MFU where the peak
+    process, on random tensors already on the device, of the --data file's item size (without a file, the dataset's
+    default); with a file, the first arch through the DataLoader too (data-wait fraction) and the loader alone (the
+    rate it can feed). One JSON line per arch (FLOPs from torch.utils.flop_counter, TFLOP/s, MFU where the peak
     is known), then one of time and FLOP ratios to the first arch. Asserts no time."""
     name, archs, cuda = cfg["dataset"], cfg["arch"].split(","), cfg["device"] == "cuda"
     cfg = dict(cfg, tasks=data.task_spec(name, len(data.SPECS[name].rois)))
-    shape = (cfg["batch_size"], data.in_channels(name), *DEFAULTS[name]["size"][-cfg["dims"]:])
+    ds = open_splits(cfg, log)["train"] if Path(cfg["data"]).is_file() else None  # sets the file's tasks, ROIs
+    shape = (cfg["batch_size"], data.in_channels(name), *(DEFAULTS[name]["size"][-cfg["dims"]:] if ds is None
+                                                          else ds.spatial))
     runs = [make_run(dict(cfg, arch=a), build_model(dict(cfg, arch=a), cfg["tasks"], shape[1]), None, 10**6)
             for a in archs]
     batch = {"image": torch.randn(shape), "possible_dose_mask": torch.ones(shape[0], 1, *shape[2:])}
@@ -798,8 +800,7 @@ def bench(cfg, log=print):
                         "mfu": peak and round(run.flops / sec / 1e12 / peak, 4),
                         "peak_memory_gib": round(run.peak, 2) if cuda else None,
                         "estimated_memory_gib": memory_estimate_gib(dict(cfg, arch=arch), shape)})
-    ds = data.open_dataset(cfg["data"], "train", dims=cfg["dims"]) if Path(cfg["data"]).exists() else []
-    if len(ds) >= shape[0]:
+    if ds is not None and len(ds) >= shape[0]:
         loader = torch.utils.data.DataLoader(ds, batch_size=shape[0], shuffle=True, drop_last=True,
                                              num_workers=cfg["workers"], pin_memory=cuda)
         batches = (b for _ in iter(int, 1) for b in loader)  # endless
@@ -810,10 +811,9 @@ def bench(cfg, log=print):
         t = time.perf_counter()
         for _ in range(steps):
             next(batches)
-        results[0]["hdf5"] = {"file": cfg["data"], "input": [shape[0], ds.in_channels, *ds.spatial],
-                              "workers": cfg["workers"], "samples_per_s": round(steps * shape[0] / total, 2),
-                              "data_wait_fraction": round(wait / total, 4),
-                              "loader_samples_per_s": round(steps * shape[0] / (time.perf_counter() - t), 2)}
+        rate, n = steps * shape[0] / (time.perf_counter() - t), steps * shape[0]
+        results[0]["hdf5"] = {"file": cfg["data"], "workers": cfg["workers"], "samples_per_s": round(n / total, 2),
+                              "data_wait_fraction": round(wait / total, 4), "loader_samples_per_s": round(rate, 2)}
     ms, gflop = (np.array([r[key] for r in results]) for key in ("ms_per_step", "gflop_per_step"))
     ratios = {r["arch"]: {"time": round(t, 3), "flops": round(f, 3), "time_over_flops": round(t / f, 3)}
               for r, t, f in zip(results, ms / ms[0], gflop / gflop[0])}
