@@ -1381,7 +1381,7 @@ def test_outputs_and_delta_mtl_against_the_matching_stl_run(synthetic, tmp_path,
     assert saved["config"]["arch"] == "hps" and saved["dims"] == 2 and saved["split"] == "test"
     assert set(saved["test"]) >= {"dose_score", "dvh_score", "dice", "dice_Brainstem", "dice_PTV70"}
     want = train.delta_mtl(saved["test"], stl["test"], ["dose", "structures"])
-    assert [saved["delta_mtl"], saved["delta_mtl_per_task"]] == pytest.approx([want[0], want[1]])
+    assert saved["delta_mtl"] == pytest.approx(want[0]) and saved["delta_mtl_per_task"] == pytest.approx(want[1])
     assert set(saved["delta_mtl_per_task"]) == {"dose", "structures"}
     assert [p.name for p in (out / "predictions").glob("*.png")] == ["syn_val_000.png"]  # first val case
     last = torch.load(out / "last.pt")
@@ -1526,6 +1526,19 @@ def test_single_class_auc_is_nan_with_a_warning_in_the_results(synthetic, tmp_pa
     assert set(res["test"]) == {"auc_severe", "auc_covid"} and res["config"]["dims"] == 3
 
 
+def test_predict_reads_inputs_per_item_and_targets_once_a_case(synthetic, monkeypatch):
+    ds = data.open_dataset(synthetic["openkbp"], "train")
+    cfg = dict(train.resolve_config(train.parse_args(_argv(synthetic, "x"))), tasks=ds.tasks, roi_names=ds.roi_names)
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=train.build_model(cfg, ds.tasks, 1))
+    reads, real = [], data._read
+    spy = lambda path, array, case, at=None: reads.append((array.name, at)) or real(path, array, case, at)  # noqa: E731
+    monkeypatch.setattr(data, "_read", spy)
+    (raw, pred), = train.predict(run, ds, max_cases=1)  # the first case only
+    assert raw["id"] == ds.ids[0] and ds.num_cases > 1 and pred["structures"].shape == (10, 32, 32, 32)
+    assert {name for name, at in reads if at is not None} == {"/train/image"}  # one slice at a time
+    assert sorted(name for name, at in reads if at is None) == sorted(f"/train/{k}" for k in data.schema("openkbp", ()))
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_rt_evaluation_of_a_perfect_prediction(synthetic, tmp_path, monkeypatch, dims):
     """Slices put back into volumes (2D) or whole volumes (3D), dose rescaled to Gy: the truth
@@ -1535,7 +1548,7 @@ def test_rt_evaluation_of_a_perfect_prediction(synthetic, tmp_path, monkeypatch,
     splits = train.open_splits(cfg)
     run = SimpleNamespace(cfg=cfg)
 
-    def oracle(run, ds):
+    def oracle(run, ds, max_cases=None):
         for i in range(ds.num_cases):
             raw = ds.case(i)
             yield raw, {"dose": raw["dose"][None] / train.DOSE_SCALE_GY, "structures": raw["structures"] * 2.0 - 1}
