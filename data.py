@@ -568,17 +568,16 @@ def check_layout(f: h5py.File, path) -> dict:
     return {"name": name, "tasks": tasks, "rois": rois, "spatial": tuple(spatial), "counts": counts,
             "synthetic": bool(f.attrs["synthetic"]), "digest": str(f.attrs["digest"])}
 
-def _read(path, g: h5py.Group, key, case, at=None):
-    """g[key][at] (default: row `case`), or a DataError naming file, dataset and case: a damaged chunk, NaN, inf."""
-    ds = g[key]
+def _read(path, ds: h5py.Dataset, case, at=None):
+    """ds[at] (default: row `case`), or a DataError naming file, dataset and case: a damaged chunk, NaN, inf."""
     try:
         at = case if at is None else at
         value = ds.asstr()[at] if h5py.check_string_dtype(ds.dtype) else ds[at]
     except (OSError, RuntimeError) as e:
-        fix = _make_hint(str(g.file.attrs["dataset"]), "rebuild", out=path)
-        raise DataError(f"{path}: {g.name[1:]}/{key} is damaged (case {case}: {_first_line(e)}): {fix}") from None
+        fix = _make_hint(str(ds.file.attrs["dataset"]), "rebuild", out=path)
+        raise DataError(f"{path}: {ds.name[1:]} is damaged (case {case}: {_first_line(e)}): {fix}") from None
     if ds.dtype.kind == "f" and not np.isfinite(value).all():
-        raise DataError(f"{path}: NaN or inf in {g.name[1:]}/{key} of case {case}: fix the source data, convert again")
+        raise DataError(f"{path}: NaN or inf in {ds.name[1:]} of case {case}: fix the source data, convert again")
     return int(value) if isinstance(value, np.integer) else value
 
 def _shift(t: torch.Tensor, offsets, fill: float) -> torch.Tensor:
@@ -599,7 +598,7 @@ class H5Dataset(torch.utils.data.Dataset):
             raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
         with _open_h5(self.path) as f:
             meta = check_layout(f, self.path)
-            self.ids = list(_read(self.path, f[split], "id", "ids", slice(None)))  # read once: every item has its id
+            self.ids = list(_read(self.path, f[split]["id"], "ids", slice(None)))  # read once: every item has its id
         self.dataset, self.tasks, self.roi_names = meta["name"], meta["tasks"], list(meta["rois"])
         self.synthetic, self.digest, self.num_cases = meta["synthetic"], meta["digest"], meta["counts"][split]
         spec = SPECS[self.dataset]
@@ -610,15 +609,16 @@ class H5Dataset(torch.utils.data.Dataset):
         self.slices = self.dims == 2 and len(meta["spatial"]) == 3
         self.spatial = meta["spatial"][1:] if self.slices else meta["spatial"]  # of one item
         self._per_case = meta["spatial"][0] if self.slices else 1
-        self._h5, self._pid = None, None
+        self._h5, self._pid, self.only = None, None, None  # only: the keys an item reads (None: all of them)
 
     def __getstate__(self):
         return {**self.__dict__, "_h5": None, "_pid": None}
 
     def _get(self, key, case, at=None):
-        if self._h5 is None or self._pid != os.getpid():
-            self._h5, self._pid = h5py.File(self.path, "r"), os.getpid()
-        return _read(self.path, self._h5[self.split], key, case, at)
+        if self._pid != os.getpid():  # arrays opened once in each process (a name lookup costs more than a small read)
+            f, self._pid = h5py.File(self.path, "r"), os.getpid()
+            self._h5 = {name: f[self.split][name] for name in f[self.split]}
+        return _read(self.path, self._h5[key], case, at)
 
     def __len__(self):
         return self.num_cases * self._per_case
@@ -639,10 +639,11 @@ class H5Dataset(torch.utils.data.Dataset):
         else:
             image = np.clip(image, HU_MIN, HU_MAX)[None] / HU_SCALE
         item = {"image": torch.from_numpy(image.astype(np.float32))}
-        for task, (kind, _) in self.tasks.items():
+        only = self.only or (*self.tasks, "possible_dose_mask")  # the targets too, unless told otherwise
+        for task, (kind, _) in ((t, spec) for t, spec in self.tasks.items() if t in only):
             value = torch.from_numpy(np.asarray(self._get(task, case, None if kind == "image" else at)))
             item[task] = value if kind == "image" or value.ndim > len(self.spatial) else value[None]
-        if self.dataset in PLANNING:
+        if self.dataset in PLANNING and "possible_dose_mask" in only:
             item["possible_dose_mask"] = torch.from_numpy(self._get("possible_dose_mask", case, at))[None]
         if self.augment:  # label-consistent: flips for skin; for CT shifts by up to 1/32 of a side (flips swap L/R)
             dense = [key for key, t in item.items() if t.ndim > 0]
@@ -685,7 +686,7 @@ def describe(path, full=True) -> str:
             tally = {t: np.zeros(n, int) for t, (kind, n) in tasks.items() if kind == "image" or t == "structures"}
             for i in range(counts[split] if full else 0):
                 for key, (_, dtype) in keys.items():
-                    value = _read(path, f[split], key, i)
+                    value = _read(path, f[split][key], i)
                     _feed(digest, key, value, dtype)
                     kind, k = tasks.get(key, ("", 0))
                     if kind == "image" and not 0 <= value < k:

@@ -1,6 +1,7 @@
 """Tests for ctan.py, data.py and train.py (CPU, tiny shapes): `python -m pytest -q test_ctan.py`.
 
-The real-data tests read ../shared/data/openkbp (20 OpenKBP patients) and are skipped where it is absent."""
+The real-data tests read ../shared/data/openkbp (20 OpenKBP patients) and ../shared/data/ham10000 ($OPENKBP_SAMPLE,
+$HAM10000_SAMPLE) and are skipped where they are absent."""
 import ast
 import csv
 import importlib.util
@@ -494,6 +495,7 @@ def test_channels_last_and_bf16_autocast_forward_backward_of_every_arch(dims):
 # ============================================================================================
 HERE = Path(__file__).resolve().parent
 REAL_OPENKBP = Path(os.environ.get("OPENKBP_SAMPLE", HERE.parent / "shared" / "data" / "openkbp"))
+REAL_HAM = Path(os.environ.get("HAM10000_SAMPLE", HERE.parent / "shared" / "data" / "ham10000"))
 TINY_DATA = {"openkbp": dict(n=4, size=32), "prostate": dict(n=4, size=32), "ham10000": dict(n=12, size=32),
         "stoic": dict(n=5, size=32)}
 
@@ -774,6 +776,44 @@ def test_ham10000_round_trip(tmp_path):
         assert a.attrs["digest"] == b.attrs["digest"]
     other = data.convert("ham10000", tmp_path / "raw", tmp_path / "ham3.h5", size="64x32", seed=6, log=io.StringIO())
     assert data.open_dataset(other, "train").digest != data.open_dataset(out, "train").digest
+
+
+@pytest.mark.skipif(not REAL_HAM.is_dir(), reason="real HAM10000 not present (../shared/data/ham10000)")
+def test_real_ham10000_palette_masks_and_sizes(tmp_path):
+    """Five real images (symlinked): JPEGs 200x150 but masks 600x450, two masks palette PNGs whose palette is
+    inverted (index 0 white), one mask all lesion, one image in part 2. Lesion is where the mask's colour is white."""
+    ids = ("ISIC_0024306", "ISIC_0024316", "ISIC_0024317", "ISIC_0026042", "ISIC_0034320")
+    raw, files = tmp_path / "raw", {}
+    (raw / data.HAM_MASK_DIR).mkdir(parents=True)
+    for i in ids:
+        jpg = next(REAL_HAM.glob(f"*_images_part*/{i}.jpg"))
+        png = REAL_HAM / data.HAM_MASK_DIR / f"{i}_segmentation.png"
+        (raw / jpg.parent.name).mkdir(exist_ok=True)
+        for link, target in ((raw / jpg.parent.name / jpg.name, jpg), (raw / data.HAM_MASK_DIR / png.name, png)):
+            link.symlink_to(target)
+        files[i] = (Image.open(jpg), Image.open(png))
+    with open(REAL_HAM / data.HAM_METADATA, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["image_id"] in ids]
+    with open(raw / data.HAM_METADATA, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = data.convert("ham10000", raw, tmp_path / "ham.h5", size="96x64", log=io.StringIO())
+    splits = [data.open_dataset(out, s) for s in data.SPLITS]
+    cases = {c["id"]: c for ds in splits for c in map(ds.case, range(ds.num_cases))}
+    assert sorted(cases) == sorted(ids) and {m.mode for _, m in files.values()} == {"L", "P"}
+    for i, (rgb, mask) in files.items():
+        got = cases[i]
+        assert rgb.size == (200, 150) and mask.size == (600, 450) and tuple(got["original_size"]) == (150, 200)
+        palette = np.array(mask.getpalette()).reshape(-1, 3)[:, 0] if mask.mode == "P" else np.arange(256)
+        white = palette[np.asarray(mask)]  # the colour of each pixel, looked up without convert()
+        assert set(np.unique(white)) <= {0, 255}
+        want = np.asarray(Image.fromarray(white.astype(np.uint8)).resize((96, 64), Image.Resampling.BILINEAR)) > 128
+        np.testing.assert_array_equal(got["segmentation"], want, err_msg=i)
+        np.testing.assert_array_equal(got["image"], np.asarray(rgb.convert("RGB").resize((96, 64), Image.BILINEAR)))
+        corners = got["segmentation"][[0, 0, -1, -1], [0, -1, 0, -1]]
+        assert got["segmentation"][32, 48] and corners.all() == (i == "ISIC_0026042") and corners.any() == corners.all()
+        assert abs(got["segmentation"].mean() - (white > 128).mean()) < 0.02, i
 
 
 # ----------------------------------------------------------------------------- MetaImage / STOIC fixtures
@@ -1484,7 +1524,7 @@ def test_outputs_and_delta_mtl_against_the_matching_stl_run(synthetic, tmp_path,
     assert saved["config"]["arch"] == "hps" and saved["dims"] == 2 and saved["split"] == "test"
     assert set(saved["test"]) >= {"dose_score", "dvh_score", "dice", "dice_Brainstem", "dice_PTV70"}
     want = train.delta_mtl(saved["test"], stl["test"], ["dose", "structures"])
-    assert [saved["delta_mtl"], saved["delta_mtl_per_task"]] == pytest.approx([want[0], want[1]])
+    assert saved["delta_mtl"] == pytest.approx(want[0]) and saved["delta_mtl_per_task"] == pytest.approx(want[1])
     assert set(saved["delta_mtl_per_task"]) == {"dose", "structures"}
     assert [p.name for p in (out / "predictions").glob("*.png")] == ["syn_val_000.png"]  # first val case
     last = torch.load(out / "last.pt")
@@ -1629,6 +1669,19 @@ def test_single_class_auc_is_nan_with_a_warning_in_the_results(synthetic, tmp_pa
     assert set(res["test"]) == {"auc_severe", "auc_covid"} and res["config"]["dims"] == 3
 
 
+def test_predict_reads_inputs_per_item_and_targets_once_a_case(synthetic, monkeypatch):
+    ds = data.open_dataset(synthetic["openkbp"], "train")
+    cfg = dict(train.resolve_config(train.parse_args(_argv(synthetic, "x"))), tasks=ds.tasks, roi_names=ds.roi_names)
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=train.build_model(cfg, ds.tasks, 1))
+    reads, real = [], data._read
+    spy = lambda path, array, case, at=None: reads.append((array.name, at)) or real(path, array, case, at)  # noqa: E731
+    monkeypatch.setattr(data, "_read", spy)
+    (raw, pred), = train.predict(run, ds, max_cases=1)  # the first case only
+    assert raw["id"] == ds.ids[0] and ds.num_cases > 1 and pred["structures"].shape == (10, 32, 32, 32)
+    assert {name for name, at in reads if at is not None} == {"/train/image"}  # one slice at a time
+    assert sorted(name for name, at in reads if at is None) == sorted(f"/train/{k}" for k in data.schema("openkbp", ()))
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_rt_evaluation_of_a_perfect_prediction(synthetic, tmp_path, monkeypatch, dims):
     """Slices put back into volumes (2D) or whole volumes (3D), dose rescaled to Gy: the truth
@@ -1638,7 +1691,7 @@ def test_rt_evaluation_of_a_perfect_prediction(synthetic, tmp_path, monkeypatch,
     splits = train.open_splits(cfg)
     run = SimpleNamespace(cfg=cfg)
 
-    def oracle(run, ds):
+    def oracle(run, ds, max_cases=None):
         for i in range(ds.num_cases):
             raw = ds.case(i)
             yield raw, {"dose": raw["dose"][None] / train.DOSE_SCALE_GY, "structures": raw["structures"] * 2.0 - 1}
@@ -1695,17 +1748,17 @@ def test_transition_option_reaches_the_model(synthetic, tmp_path):
 def test_bench_times_several_archs_with_flops(synthetic, tmp_path, capsys):
     """--bench runs (a measurement: nothing about its times is asserted)."""
     argv = _argv(synthetic, tmp_path / "bench", "ham10000", "hps,ctan") + ["--bench", "--steps", "1", "--batch-size",
-                                                                          "2", "--peak-tflops", "1"]
+                                                                          "2", "--peak-tflops", "1", "--width", "16"]
     result = train.main(argv)
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert lines == result["results"] + [{"ratios_vs": "hps", "ratios": result["ratios"]}]
     hps, ctn = result["results"]
-    assert hps["input"] == [2, 3, 192, 256] and hps["precision"] == "fp32"  # the real HAM10000 size, random tensors
+    assert hps["input"] == [2, 3, 32, 32] and hps["precision"] == "fp32"  # random tensors of the --data file's size
     assert ctn["gflop_per_step"] > hps["gflop_per_step"] > 0 and ctn["params"] > hps["params"]
     assert hps["mfu"] == pytest.approx(hps["tflops"], rel=1e-3, abs=1e-4)  # peak 1 TFLOP/s
     assert 0 < hps["estimated_memory_gib"] < ctn["estimated_memory_gib"]
     assert result["ratios"]["ctan"]["flops"] == pytest.approx(ctn["gflop_per_step"] / hps["gflop_per_step"], rel=1e-2)
-    assert hps["hdf5"]["input"] == [2, 3, 32, 32] and 0 <= hps["hdf5"]["data_wait_fraction"] <= 1
+    assert hps["hdf5"]["file"] == str(synthetic["ham10000"]) and 0 <= hps["hdf5"]["data_wait_fraction"] <= 1
     assert not (tmp_path / "bench").exists()  # a benchmark writes no run
 
 
@@ -1727,6 +1780,7 @@ def test_bench_with_compile_times_the_compiled_model(synthetic, tmp_path, monkey
     argv = _argv(synthetic, tmp_path / "b", "openkbp", "hps", "--bench", "--compile", "--steps", "1", "--data", "none")
     hps = train.main(argv + ["--batch-size", "2"])["results"][0]
     assert hps["compile"] is True and hps["gflop_per_step"] > 0 and modes and set(modes) == {None}
+    assert hps["input"] == [2, 1, 128, 128] and "hdf5" not in hps  # no file: the real OpenKBP slice size
 
 
 DDP_SPY = """

@@ -8,6 +8,7 @@ every arch and every guidance stage goes through it), evaluation, outputs, deep 
 the benchmark and the command line. `main(argv)` returns the results dict, so tests call it in-process.
 """
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -447,20 +448,22 @@ def fit(run, log=print):
 
 # === Evaluation ===
 @torch.no_grad()
-def predict(run, ds):
-    """Yields (case in stored units, {task: float32 prediction of the whole case}) in case order: the
-    axial slices of a 2D run are put back on their index (data.axial_slice). Only images go to the device."""
+def predict(run, ds, max_cases=None):
+    """Yields (case in stored units, {task: float32 prediction of the whole case}) of the first `max_cases` cases
+    (default all) in case order: the axial slices of a 2D run are put back on their index (data.axial_slice).
+    Items read the model's inputs alone, which go to the device; the targets are read once a case (ds.case)."""
     run.model.eval()
-    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    n_slices, pending = len(base) // max(base.num_cases, 1), {}
-    loader = torch.utils.data.DataLoader(ds, batch_size=4 * run.cfg["batch_size"], num_workers=run.cfg["workers"],
-                                         generator=torch.Generator())  # no gradients: 4x the batch; no global RNG
-    keys = ("image", "structures") if run.cfg.get("superior_input") else ("image",)
-    for batch in loader:
-        out = {t: v.float().cpu().numpy() for t, v in forward(run, to_device(batch, run, keys)).items()}
+    reader = copy.copy(ds)
+    reader.only = ("image", "structures") if run.cfg.get("superior_input") else ("image",)
+    n_slices, pending = len(ds) // max(ds.num_cases, 1), {}
+    items = range(n_slices * min(max_cases or ds.num_cases, ds.num_cases))  # the first cases: items are case-major
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(reader, items), batch_size=4 * run.cfg["batch_size"],
+                                         num_workers=run.cfg["workers"], generator=torch.Generator())  # no global RNG
+    for batch in loader:  # no gradients: 4x the batch
+        out = {t: v.float().cpu().numpy() for t, v in forward(run, to_device(batch, run, reader.only)).items()}
         for j, (c, k) in enumerate(zip(batch["case"].tolist(), batch["slice"].tolist())):
             if k < 0:
-                yield base.case(c), {t: v[j] for t, v in out.items()}
+                yield ds.case(c), {t: v[j] for t, v in out.items()}
                 continue
             p = pending.setdefault(c, {t: np.zeros((*v.shape[1:2], n_slices, *v.shape[2:]), np.float32)
                                        for t, v in out.items()} | {"seen": 0})
@@ -468,19 +471,17 @@ def predict(run, ds):
                 p[t][data.axial_slice(k) if v.ndim > 2 else k] = v[j]  # maps, or one value per slice
             p["seen"] += 1
             if p["seen"] == n_slices:
-                yield base.case(c), {t: v for t, v in pending.pop(c).items() if t != "seen"}
+                yield ds.case(c), {t: v for t, v in pending.pop(c).items() if t != "seen"}
 
 def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
     """(metrics, notes) of a split: the metrics of TASKS (and Dice per ROI), one note per warning
     (e.g. an AUC that is NaN because the split holds one class), PNG previews of the first cases.
     `max_cases` keeps the first cases (all slices of them in 2D)."""
-    if max_cases and max_cases < ds.num_cases:
-        ds = torch.utils.data.Subset(ds, [i for i in range(len(ds)) if ds.case_of(i) < max_cases])
     previews = [Path(preview_dir) / f"{i}.png" for i in range(n_preview)] if preview_dir else []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         evaluator = EVALUATORS["guidance" if "guidance" in run.cfg["tasks"] else run.cfg["dataset"]]
-        metrics = evaluator(run.cfg, predict(run, ds), previews)
+        metrics = evaluator(run.cfg, predict(run, ds, max_cases), previews)
     return {k: float(v) for k, v in metrics.items()}, sorted({str(w.message) for w in caught})
 
 def _evaluate_rt(cfg, cases, previews):
@@ -735,7 +736,7 @@ def run_guidance(cfg, log=print):
     log(f"results: {Path(cfg['out']) / 'results.json'}")
     return summary
 
-# === Benchmark (--bench): training steps at the dataset's real input size, several archs interleaved ===
+# === Benchmark (--bench): training steps at the data file's item size, several archs interleaved ===
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense bf16, datasheets
 
 def memory_estimate_gib(cfg, shape):
@@ -762,13 +763,14 @@ def timed_step(run, next_batch):
 
 def bench(cfg, log=print):
     """Times --steps training steps (after a warm-up) of every arch of --arch a,b,... interleaved in one
-    process, on random tensors of the real input size already on the device; with a --data file, the
-    first arch through the DataLoader too (data-wait fraction) and the loader alone (the rate it can
-    feed). One JSON line per arch (FLOPs from torch.utils.flop_counter, TFLOP/s, MFU where the peak
+    process, on random tensors already on the device, of the --data file's item size (without a file, the dataset's
+    default); with a file, the first arch through the DataLoader too (data-wait fraction) and the loader alone (the
+    rate it can feed). One JSON line per arch (FLOPs from torch.utils.flop_counter, TFLOP/s, MFU where the peak
     is known), then one of time and FLOP ratios to the first arch. Asserts no time."""
     name, archs, cuda = cfg["dataset"], cfg["arch"].split(","), cfg["device"] == "cuda"
     cfg = dict(cfg, tasks=data.task_spec(name, len(data.SPECS[name].rois)))
-    shape = (cfg["batch_size"], data.in_channels(name), *DEFAULTS[name]["size"][-cfg["dims"]:])
+    ds = open_splits(cfg, log)["train"] if Path(cfg["data"]).is_file() else None  # sets cfg's tasks, ROIs; not empty
+    shape = (cfg["batch_size"], data.in_channels(name), *(ds.spatial if ds else DEFAULTS[name]["size"][-cfg["dims"]:]))
     runs = [make_run(dict(cfg, arch=a), build_model(dict(cfg, arch=a), cfg["tasks"], shape[1]), None, 10**6)
             for a in archs]
     batch = {"image": torch.randn(shape), "possible_dose_mask": torch.ones(shape[0], 1, *shape[2:])}
@@ -798,8 +800,7 @@ def bench(cfg, log=print):
                         "mfu": peak and round(run.flops / sec / 1e12 / peak, 4),
                         "peak_memory_gib": round(run.peak, 2) if cuda else None,
                         "estimated_memory_gib": memory_estimate_gib(dict(cfg, arch=arch), shape)})
-    ds = data.open_dataset(cfg["data"], "train", dims=cfg["dims"]) if Path(cfg["data"]).exists() else []
-    if len(ds) >= shape[0]:
+    if ds and len(ds) >= shape[0]:
         loader = torch.utils.data.DataLoader(ds, batch_size=shape[0], shuffle=True, drop_last=True,
                                              num_workers=cfg["workers"], pin_memory=cuda)
         batches = (b for _ in iter(int, 1) for b in loader)  # endless
@@ -810,10 +811,9 @@ def bench(cfg, log=print):
         t = time.perf_counter()
         for _ in range(steps):
             next(batches)
-        results[0]["hdf5"] = {"file": cfg["data"], "input": [shape[0], ds.in_channels, *ds.spatial],
-                              "workers": cfg["workers"], "samples_per_s": round(steps * shape[0] / total, 2),
-                              "data_wait_fraction": round(wait / total, 4),
-                              "loader_samples_per_s": round(steps * shape[0] / (time.perf_counter() - t), 2)}
+        rate, n = steps * shape[0] / (time.perf_counter() - t), steps * shape[0]
+        results[0]["hdf5"] = {"file": cfg["data"], "workers": cfg["workers"], "samples_per_s": round(n / total, 2),
+                              "data_wait_fraction": round(wait / total, 4), "loader_samples_per_s": round(rate, 2)}
     ms, gflop = (np.array([r[key] for r in results]) for key in ("ms_per_step", "gflop_per_step"))
     ratios = {r["arch"]: {"time": round(t, 3), "flops": round(f, 3), "time_over_flops": round(t / f, 3)}
               for r, t, f in zip(results, ms / ms[0], gflop / gflop[0])}
