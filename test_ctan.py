@@ -1552,6 +1552,41 @@ def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
         assert stl is None and key in why and "not comparable" in why
 
 
+def test_summary_tables_from_results_json(tmp_path, capsys):
+    """--summary DIR: mean ± sample sd over seeds, Delta_MTL, CTAN paired by seed (numbers by hand), missing seeds."""
+    dose = {"stl": (20, 22, 21), "hps": (18, 20, 19), "ctan": (16, 19, 17)}  # per seed 0, 1, 2
+    delta = {"hps": ((5, 4, 6), (6, 8, 10), (10, 12, 8)), "ctan": ((10, 8, 12), (14, 10, 18), (12, 12, 12))}
+    for arch, scores in dose.items():  # delta: (Delta_MTL, Delta dose, Delta structures) per seed
+        for s, score in enumerate(scores):
+            res = {"dataset": "openkbp", "arch": arch, "data_digest": "d", "delta_mtl": None, "config": {"seed": s,
+                   "arch": arch, "tasks": {"dose": ["pixel", 1], "structures": ["pixel", 10]}},
+                   "test": {"dose_score": score, "dvh_score": 30.0 + s, "dice": 0.1 + 0.01 * s, "dice_Brainstem": 0.0}}
+            if arch != "stl":
+                overall, d_dose, d_structures = delta[arch][s]
+                res.update(delta_mtl=overall, delta_mtl_per_task={"dose": d_dose, "structures": d_structures})
+            (tmp_path / f"seed{s}" / f"kbp_full-{arch}").mkdir(parents=True)
+            (tmp_path / f"seed{s}" / f"kbp_full-{arch}" / "results.json").write_text(json.dumps(res))
+    assert train.main(["--summary", str(tmp_path)]) is None
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert [row.split(" | ")[0] for row in rows[:3]] == ["| `stl`", "| `hps`", "| `ctan`"]  # the README's order
+    assert rows[2].startswith("| `ctan` | 3 | 17.33 ± 1.53 | 31.00 ± 1.00 | 0.1100 ± 0.0100 | +10.00 ± 2.00 % |")
+    assert rows[2].endswith("| +14.00 ± 3.46 % | +12.00 ± 2.00 % |") and rows[0].endswith("|  |  |  |")
+    # d(dose) = -4, -3, -4 vs stl: mean -11/3, sd sqrt(1/3), t = -11; d(Delta_MTL) vs stl (ctan's own) = 10, 14, 12:
+    # t = 12 / (2 / sqrt(3)); vs hps = 5, 8, 2: t = 5 / (3 / sqrt(3)); vs hps without seed 2: 5, 8: t = 6.5 / 1.5
+    assert "| `stl` | dose_score | 3 | -3.667 ± 0.577 | 3/3 | -11.00 | yes (t_0.975,2 = 4.303) |" in rows
+    assert "| `stl` | Delta_MTL | 3 | +12.00 ± 2.00 % | 3/3 | +10.39 | yes (t_0.975,2 = 4.303) |" in rows
+    assert "| `hps` | Delta_MTL | 3 | +5.00 ± 3.00 % | 3/3 | +2.89 | no (t_0.975,2 = 4.303) |" in rows
+    assert "| `hps` | dice | 3 | +0.00 ± 0.00 | 0/3 |" in out  # a tie is not better
+    shutil.rmtree(tmp_path / "seed2" / "kbp_full-hps")
+    assert train.main(["--summary", str(tmp_path)]) is None
+    out = capsys.readouterr().out
+    assert "| `hps` | 2 (1 missing: seed 2) | 19.00 ± 1.41 |" in out
+    assert "| `hps` | Delta_MTL | 2 | +6.50 ± 2.12 % | 2/2 | +4.33 | no (t_0.975,1 = 12.706) |" in out
+    _fails(["--summary", str(tmp_path / "seed0" / "nothing")], capsys, "holds no results.json", "nothing")
+    _fails([], capsys, "--dataset and --arch are required")
+
+
 def test_nothing_is_silently_replaced(synthetic, tmp_path, capsys):
     out = tmp_path / "run"
     first = train.main(_argv(synthetic, out))

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 import ctan
 import data
+import summary
 
 # === Config ===
 # ONE defaults table. A run's config is "all", then its dataset's entry, then the entry of its device
@@ -135,8 +136,7 @@ def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimens
 def openkbp_aggregate(patients):
     """(dose score, DVH score): nanmean of the patients' dose errors, and of the whole patients x
     (metric, ROI) table of DVH errors (absent ROIs left out), as the official code does."""
-    dose = [p[0] for p in patients]
-    dvh = [e for p in patients for e in p[1]]
+    dose, dvh = [p[0] for p in patients], [e for p in patients for e in p[1]]
     return (float(np.mean(dose)) if dose else float("nan")), (float(np.mean(dvh)) if dvh else float("nan"))
 
 def openkbp_scores(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_ROIS):
@@ -173,8 +173,7 @@ def balanced_accuracy(y_true, y_pred):
 def roc_auc(y_true, score, name="AUC"):
     """Area under the ROC curve: P(a random positive scores above a random negative), ties 1/2
     (sklearn's roc_auc_score). NaN or inf scores are an error; one class only gives NaN and a warning."""
-    y = np.asarray(y_true).astype(bool).ravel()
-    score = np.asarray(score, dtype=np.float64).ravel()
+    y, score = np.asarray(y_true).astype(bool).ravel(), np.asarray(score, dtype=np.float64).ravel()
     if not np.isfinite(score).all():
         raise ValueError(f"{name}: {np.sum(~np.isfinite(score))} scores are NaN or inf")
     neg = np.sort(score[~y])
@@ -192,10 +191,9 @@ def roc_auc_macro(y_true, prob, name="AUC"):
     return float(np.mean([roc_auc(y_true == k, prob[:, k], name) for k in np.unique(y_true)]))
 
 def delta_mtl(metrics, stl_metrics, tasks):
-    """Relative multi-task performance in percent (Maninis et al. 2019; Vandenhende et al. 2021;
-    LibMTL's Delta_p): per task t the mean of (-1)^l (M - M_STL) / M_STL over its metrics (TASKS;
-    l = 1 where lower is better), then the mean over tasks. Returns (overall, {task: percent});
-    metrics that are NaN, or 0 in STL, are left out."""
+    """Relative multi-task performance in percent (Maninis et al. 2019; Vandenhende et al. 2021; LibMTL's Delta_p):
+    per task t the mean of (-1)^l (M - M_STL) / M_STL over its metrics (TASKS; l = 1 where lower is better), then
+    the mean over tasks. Returns (overall, {task: percent}); metrics that are NaN, or 0 in STL, are left out."""
     per_task = {}
     for task in tasks:
         terms = [(-1 if k in LOWER_IS_BETTER else 1) * (metrics[k] - stl_metrics[k]) / stl_metrics[k]
@@ -701,8 +699,7 @@ def load_stage(cfg, entry, n_rois):
 def run_guidance(cfg, log=print):
     """The stages of --arch guidance in order (or --stage X alone; with --resume the unfinished ones),
     then OUT/results.json {"guidance": {stage: test metrics}} and a side-by-side table in the log."""
-    splits = open_splits(cfg, log)
-    results = {}
+    splits, results = open_splits(cfg, log), {}
     for entry, reads in GUIDANCE.items():
         sub = dict(cfg, out=str(Path(cfg["out"]) / entry), arch=f"guidance {entry}", tasks=DOSE_TASK,
                    select="dose_score", guidance_out=cfg["out"], superior_input=entry in ("a_superior", "b_guidance"))
@@ -934,9 +931,9 @@ def parse_args(argv=None):
     archs = ctan.ARCHS + ("guidance",)
     p = Parser(description="Train/evaluate CTAN and baselines. Options left out come from the table DEFAULTS "
                            "in train.py (per dataset, with smaller CPU settings).")
-    p.add_argument("--dataset", required=True, choices=data.DATASETS)
-    p.add_argument("--arch", required=True, type=checked(str, lambda v: set(v.split(",")) <= set(archs),
-                                                          f"one of {', '.join(archs)} (a comma list with --bench)"),
+    p.add_argument("--dataset", choices=data.DATASETS)
+    p.add_argument("--arch", type=checked(str, lambda v: set(v.split(",")) <= set(archs),
+                                          f"one of {', '.join(archs)} (a comma list with --bench)"),
                    help="guidance: deep multimodal guidance for dose; with --bench a comma list, e.g. hps,ctan")
     p.add_argument("--stage", choices=("a", "b", "c", "d"), help="--arch guidance: run this stage alone")
     p.add_argument("--data", help="HDF5 file from data.py (default data/NAME.h5)")
@@ -972,7 +969,10 @@ def parse_args(argv=None):
                        ("--checkpointing", "recompute encoder stages in the backward pass (3D memory)"),
                        ("--bench", "time training steps of each --arch, print JSON lines")):
         p.add_argument(flag, action="store_true", default=None, help=text)
+    p.add_argument("--summary", metavar="DIR", help="print the README tables of DIR/seedS/FILE-ARCH/results.json")
     args = p.parse_args(argv)
+    if args.summary or not (args.dataset and args.arch):
+        return args if args.summary else p.error("--dataset and --arch are required (unless --summary DIR)")
     if "," in args.arch and not args.bench:
         p.error(f"--arch {args.arch}: a comma list of archs is for --bench (training takes one arch)")
     if args.arch == "guidance" and (args.bench or args.eval_only):
@@ -990,7 +990,7 @@ def main(argv=None):
     """Command line entry point; returns the results dict. A user error: one line, exit code 2; Ctrl-C: 130."""
     args = parse_args(argv)
     try:
-        return run_training(args)
+        return summary.tables(args.summary, TASKS, LOWER_IS_BETTER) if args.summary else run_training(args)
     except (UserError, data.DataError) as e:  # from a DataLoader worker, the message is the last line
         text, stopped = str(e).strip().splitlines()[-1].removeprefix("data.DataError: "), e.__cause__
         print(text if isinstance(stopped, KeyboardInterrupt) else f"error: {text}", file=sys.stderr)
