@@ -564,7 +564,7 @@ def save_panels(path, panels, labels):
     h = max(p.shape[0] for p in panels)
     strip = np.concatenate([np.pad(p, ((0, h - p.shape[0]), (0, 2), (0, 0))) for p in panels], 1)
     scale = max(1, 256 // h)
-    img = Image.fromarray(strip).resize((strip.shape[1] * scale, h * scale), Image.NEAREST)
+    img = Image.fromarray(strip).resize((strip.shape[1] * scale, h * scale), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (max(img.width, 7 * len(labels[-1]) + 8), img.height + 14), "black")
     canvas.paste(img, (0, 14))
     x = 0
