@@ -472,7 +472,8 @@ def predict(run, ds):
 
 def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
     """(metrics, notes) of a split: the metrics of TASKS (and Dice per ROI), one note per warning
-    (e.g. an AUC that is NaN because the split holds one class), PNG previews of the first cases.
+    (e.g. an AUC that is NaN because the split holds one class; a library's deprecation warnings are
+    no notes), PNG previews of the first cases.
     `max_cases` keeps the first cases (all slices of them in 2D)."""
     if max_cases and max_cases < ds.num_cases:
         ds = torch.utils.data.Subset(ds, [i for i in range(len(ds)) if ds.case_of(i) < max_cases])
@@ -481,7 +482,12 @@ def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
         warnings.simplefilter("always")
         evaluator = EVALUATORS["guidance" if "guidance" in run.cfg["tasks"] else run.cfg["dataset"]]
         metrics = evaluator(run.cfg, predict(run, ds), previews)
-    return {k: float(v) for k, v in metrics.items()}, sorted({str(w.message) for w in caught})
+    versions = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)  # about a library, not the data
+    for w in caught:
+        if issubclass(w.category, versions):  # back to the usual filters, not a note in results.json
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = {str(w.message) for w in caught if not issubclass(w.category, versions)}
+    return {k: float(v) for k, v in metrics.items()}, sorted(notes)
 
 def _evaluate_rt(cfg, cases, previews):
     """Dose and structures scored per patient on whole volumes. The dose is multiplied by the
