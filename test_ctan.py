@@ -1260,7 +1260,7 @@ def test_ci_runs_the_readme_quick_start_in_order():
     readme = [line for line in strip(block) if line and not line.startswith("python3 -m venv")]
     ci = strip((HERE / ".ci" / "run").read_text())
     where = [ci.index(command) if command in ci else None for command in readme]
-    assert len(readme) == 4 and None not in where and where == sorted(where), list(zip(readme, where))
+    assert len(readme) == 5 and None not in where and where == sorted(where), list(zip(readme, where))
 
 
 def test_collectives_run_on_the_models_device(monkeypatch):
