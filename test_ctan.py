@@ -1435,6 +1435,17 @@ def test_defaults_when_cuda_is_available_match_the_readme(monkeypatch):
     assert (cpu["precision"], cpu["channels_last"], cpu["workers"]) == ("fp32", False, 0)
 
 
+def test_ci_runs_the_readme_quick_start_in_order():
+    """.ci/run is a new user's sequence: each line of README's Quick start (comments aside; the virtual
+    environment made in a temporary folder there), in the same order."""
+    strip = lambda text: [line.split("  #")[0].strip() for line in text.splitlines()]
+    block = (HERE / "README.md").read_text().split("## Quick start")[1].split("```bash\n")[1].split("```")[0]
+    readme = [line for line in strip(block) if line and not line.startswith("python3 -m venv")]
+    ci = strip((HERE / ".ci" / "run").read_text())
+    where = [ci.index(command) if command in ci else None for command in readme]
+    assert len(readme) == 5 and None not in where and where == sorted(where), list(zip(readme, where))
+
+
 def test_collectives_run_on_the_models_device(monkeypatch):
     seen = []
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: seen.append(t.device))

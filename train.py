@@ -125,8 +125,7 @@ def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_
     return out
 
 def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_ROIS):
-    """(sum|ref - pred| / |possible-dose mask|, [|ref - pred| per DVH metric]) of one patient; the
-    reference's masks serve both doses."""
+    """(sum|ref - pred| / |possible-dose mask|, [|ref - pred| per DVH metric]) of a patient; the reference's masks."""
     pred, ref = np.asarray(pred, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     ref_dvh = openkbp_dvh(ref, structure_masks, voxel_dimensions, roi_names)
     pred_dvh = openkbp_dvh(pred, structure_masks, voxel_dimensions, roi_names)
@@ -204,8 +203,7 @@ def delta_mtl(metrics, stl_metrics, tasks):
     return (float(np.mean(list(per_task.values()))) if per_task else float("nan")), per_task
 
 def better(a, b, key):
-    """Does value a (this epoch) beat the best so far, b? Anything beats None or NaN, and a tie goes to
-    the later epoch (small validation sets saturate)."""
+    """Does a (this epoch) beat the best so far, b? Anything beats None or NaN; a tie goes to the later epoch."""
     if b is None or not np.isfinite(b):
         return True
     return bool(np.isfinite(a)) and (b - a if key in LOWER_IS_BETTER else a - b) >= 0
@@ -237,8 +235,8 @@ def task_losses(outputs, batch, tasks, class_weights=None):
 
 # === Data and model ===
 def open_splits(cfg, log=print):
-    """{split: Dataset} of the config's HDF5 file (augmented training split with --augment); sets
-    cfg["tasks"] and cfg["roi_names"] from the file."""
+    """{split: Dataset} of the config's HDF5 file (augmented training split with --augment); sets cfg["tasks"] and
+    cfg["roi_names"] from the file."""
     path, name = cfg["data"], cfg["dataset"]
     if not Path(path).is_file():
         raise UserError(f"{path} not found: make it with `python data.py synth {name} --out {path}` (synthetic) "
@@ -472,7 +470,7 @@ def predict(run, ds, max_cases=None):
                 yield ds.case(c), {t: v for t, v in pending.pop(c).items() if t != "seen"}
 
 def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
-    """(metrics, notes) of a split: the metrics of TASKS (and Dice per ROI), one note per warning
+    """(metrics, notes) of a split: the metrics of TASKS (and Dice per ROI), one note per warning about the data
     (e.g. an AUC that is NaN because the split holds one class), PNG previews of the first cases.
     `max_cases` keeps the first cases (all slices of them in 2D)."""
     previews = [Path(preview_dir) / f"{i}.png" for i in range(n_preview)] if preview_dir else []
@@ -480,7 +478,9 @@ def evaluate(run, ds, max_cases=None, preview_dir=None, n_preview=3):
         warnings.simplefilter("always")
         evaluator = EVALUATORS["guidance" if "guidance" in run.cfg["tasks"] else run.cfg["dataset"]]
         metrics = evaluator(run.cfg, predict(run, ds, max_cases), previews)
-    return {k: float(v) for k, v in metrics.items()}, sorted({str(w.message) for w in caught})
+    library = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)  # about the installed versions
+    return {k: float(v) for k, v in metrics.items()}, sorted({str(w.message) for w in caught
+                                                              if not issubclass(w.category, library)})
 
 def _evaluate_rt(cfg, cases, previews):
     """Dose and structures scored per patient on whole volumes. The dose is multiplied by the
@@ -563,7 +563,7 @@ def save_panels(path, panels, labels):
     h = max(p.shape[0] for p in panels)
     strip = np.concatenate([np.pad(p, ((0, h - p.shape[0]), (0, 2), (0, 0))) for p in panels], 1)
     scale = max(1, 256 // h)
-    img = Image.fromarray(strip).resize((strip.shape[1] * scale, h * scale), Image.NEAREST)
+    img = Image.fromarray(strip).resize((strip.shape[1] * scale, h * scale), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (max(img.width, 7 * len(labels[-1]) + 8), img.height + 14), "black")
     canvas.paste(img, (0, 14))
     x = 0
@@ -727,11 +727,11 @@ def run_guidance(cfg, log=print):
     table = [f"{e:12s} {GUIDANCE[e]:30s} {m['dose_score']:10.3f} {m['dvh_score']:10.3f}" for e, m in results.items()]
     log(f"test split, {splits['test'].num_cases} patients: OpenKBP dose and DVH scores (Gy, lower is better)\n"
         f"{'stage':12s} {'input at inference':30s} {'dose score':>10s} {'DVH score':>10s}\n" + "\n".join(table))
-    summary = {"dataset": cfg["dataset"], "arch": "guidance", "data_digest": splits["test"].digest,
-               "guidance": results, "config": cfg}
-    atomic_write(summary, Path(cfg["out"]) / "results.json")
+    guided = {"dataset": cfg["dataset"], "arch": "guidance", "data_digest": splits["test"].digest,
+              "guidance": results, "config": cfg}
+    atomic_write(guided, Path(cfg["out"]) / "results.json")
     log(f"results: {Path(cfg['out']) / 'results.json'}")
-    return summary
+    return guided
 
 # === Benchmark (--bench): training steps at the data file's item size, several archs interleaved ===
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}  # dense bf16, datasheets
@@ -841,9 +841,9 @@ def check_out(cfg, log):
     log(f"--overwrite: removed {len(held)} files of the earlier run in {out}") if held else None
 
 def checkpoint_config(cfg, args):
-    """--resume: the run's settings come from its last.pt (a guidance run's: its first stage's);
-    --eval-only: the model's settings (and batch size, unless given) come from the checkpoint. A given option
-    that differs is an error."""
+    """--resume: the run's settings come from its last.pt (a guidance run's: its first stage's); --eval-only: the
+    model's settings (and batch size, unless given) come from the checkpoint. A given option that differs is an
+    error."""
     path = Path(cfg["eval_only"]) if cfg.get("eval_only") else min(Path(cfg["out"]).glob("**/last.pt"))
     ck_cfg = load_checkpoint(path)["config"]
     ck_cfg["arch"] = ck_cfg["arch"].split()[0]  # "guidance a_inferior" -> "guidance"
