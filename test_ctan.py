@@ -810,7 +810,8 @@ def test_real_ham10000_palette_masks_and_sizes(tmp_path):
         assert set(np.unique(white)) <= {0, 255}
         want = np.asarray(Image.fromarray(white.astype(np.uint8)).resize((96, 64), Image.Resampling.BILINEAR)) > 128
         np.testing.assert_array_equal(got["segmentation"], want, err_msg=i)
-        np.testing.assert_array_equal(got["image"], np.asarray(rgb.convert("RGB").resize((96, 64), Image.Resampling.BILINEAR)))
+        expected = np.asarray(rgb.convert("RGB").resize((96, 64), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(got["image"], expected)
         corners = got["segmentation"][[0, 0, -1, -1], [0, -1, 0, -1]]
         assert got["segmentation"][32, 48] and corners.all() == (i == "ISIC_0026042") and corners.any() == corners.all()
         assert abs(got["segmentation"].mean() - (white > 128).mean()) < 0.02, i
