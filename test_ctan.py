@@ -240,9 +240,9 @@ def reference_cross_attention(att, feats, factor):
 
 @pytest.mark.parametrize("shape, factor", [((2, 8, 32, 32), 4), ((2, 8, 8, 8), 1), ((1, 8, 10, 40), 4)])
 def test_cross_task_attention_pools_to_bounded_tokens_and_matches_the_plain_formula(shape, factor):
-    """Keys and values are pooled by powers of 2 to at most max_tokens; the computation equals the plain
-    per-task formula (including 10 x 40 pooled to 3 x 10, which does not divide the map: the update of the last
-    block, 2 rows, is that of the token pooled from those 2 rows)."""
+    """Every task's tokens (queries, keys, values) are pooled by powers of 2 to at most max_tokens; the computation
+    equals the plain per-task formula (including 10 x 40 pooled to 3 x 10, which does not divide the map: the update
+    of the last block, 2 rows, is that of the token pooled from those 2 rows)."""
     torch.manual_seed(0)
     att = ctan.CrossTaskAttention(channels=8, n_tasks=3, attention_heads=2, max_tokens=64, gate_init=0.5)
     assert att.pool_factor(shape[2:]) == factor and att.pool_factor((16, 16, 16)) == 4

@@ -93,7 +93,7 @@ def resolve_config(args):
         raise UserError(f"{args.dataset} has no {cfg['dims']}D model: use --dims {2 if cfg['dims'] == 3 else 3}")
     cfg["data"] = str(cfg.get("data") or data.default_path(args.dataset))
     if "," not in cfg["arch"] and cfg["arch"] not in ("mtan", "ctan") and "transition" in given:
-        raise UserError(f"--transition applies to mtan and ctan (their per-task branches), not {cfg['arch']}")
+        raise UserError(f"--transition applies to mtan and ctan (their task branches' transitions), not {cfg['arch']}")
     default_out = Path(cfg["eval_only"]).parent if cfg.get("eval_only") else Path("runs") / run_name(cfg, cfg["arch"])
     cfg["out"] = str(cfg.get("out") or default_out)
     return cfg
@@ -947,14 +947,14 @@ def parse_args(argv=None):
     p.add_argument("--width", type=POSITIVE, help="base channels of the network")
     p.add_argument("--depth", type=checked(lambda s: tuple(int(x) for x in s.split(",")), lambda v: len(v) == 4
                                            and min(v) > 0, "four positive integers, e.g. 3,4,6,3"),
-                   help="blocks per encoder stage (default 3,4,6,3: ResNet-50)")
+                   help="blocks per encoder stage, e.g. 3,4,6,3 (ResNet-50); default DEFAULTS")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     p.add_argument("--precision", choices=("bf16", "fp32"), help="bf16 autocast (default on CUDA) or fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory format")
     p.add_argument("--out", help="run folder (default runs/DATAFILE[-3d]-ARCH)")
     p.add_argument("--eval-only", metavar="CKPT", help="evaluate CKPT on the test split (results_eval.json)")
-    p.add_argument("--stl", help="the STL run (folder or results.json) for Delta_MTL (default runs/DATAFILE-stl)")
+    p.add_argument("--stl", help="STL run (folder or results.json) for Delta_MTL (default: DATAFILE-stl beside --out)")
     p.add_argument("--workers", type=checked(int, lambda v: v >= 0, "an integer >= 0"), help="DataLoader workers")
     p.add_argument("--max-steps-per-epoch", type=POSITIVE, help="cap on training steps per epoch")
     p.add_argument("--max-eval-cases", type=POSITIVE, help="validate on the first N cases only (test uses all)")
