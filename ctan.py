@@ -124,9 +124,10 @@ class MultiTaskNet(nn.Module):
                  classifier_hidden=256, **unknown):
         super().__init__()
         if unknown:
-            valid = [p for c in type(self).__mro__[-3::-1] for p in inspect.signature(c.__init__).parameters][3:]
+            valid = [p for c in type(self).__mro__[-3::-1] for p in inspect.signature(c.__init__).parameters
+                     if p not in ("self", "tasks", "in_channels", "options", "unknown")]
             raise UnknownOption(f"{type(self).__name__}: unknown option {', '.join(map(repr, unknown))}; valid: "
-                            f"{', '.join(dict.fromkeys(p for p in valid if p not in ('self', 'options', 'unknown')))}")
+                                f"{', '.join(dict.fromkeys(valid))}")
         self.tasks = check_tasks(tasks)
         self.in_channels = check_arg("in_channels", in_channels, is_int, "an integer >= 1")
         self.dims = check_arg("dims", dims, lambda v: v in (2, 3), "2 or 3")
@@ -227,8 +228,7 @@ class CTAN(MTAN):
     flow into the next mask, the skips and the heads. ``attention_heads``, ``reduction``, ``max_tokens``,
     ``gate_init``: see CrossTaskAttention."""
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
-                 cross_stages=None, attention_heads=4, reduction=4, max_tokens=512, gate_init=0.1,
-                 **options):
+                 cross_stages=None, attention_heads=4, reduction=4, max_tokens=512, gate_init=0.1, **options):
         super().__init__(tasks, in_channels, dims, norm_kind, encoder, transition, **options)
         if len(self.tasks) < 2:
             raise ValueError(f"tasks: ctan needs at least two tasks (else nothing to attend to), got {tasks}")
