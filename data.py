@@ -623,10 +623,6 @@ class H5Dataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.num_cases * self._per_case
 
-    def case_of(self, index) -> int:
-        """Row (case) of item `index`."""
-        return index // self._per_case
-
     def __getitem__(self, index):
         """Item: image float32 (C, *spatial) normalised, targets (dose float32 Gy, masks bool, labels int64)."""
         if not 0 <= index < len(self):
