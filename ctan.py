@@ -644,7 +644,7 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
         return NETWORKS[arch](tasks, in_channels, dims, norm_kind=norm_kind, encoder=encoder, **options)
     except UnknownOption as e:  # build_model's own options are valid too
         raise UnknownOption(f"build_model: {e}, and width, depth, block, checkpointing" +
-                        ", attention_heads, window" * (arch == "mfe")) from None
+                            ", attention_heads, window" * (arch == "mfe")) from None
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())

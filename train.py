@@ -125,7 +125,8 @@ def openkbp_dvh(dose, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_
     return out
 
 def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_ROIS):
-    """(sum|ref - pred| / |possible-dose mask|, [|ref - pred| per DVH metric]) of a patient; the reference's masks."""
+    """(sum|ref - pred| / |possible-dose mask|, [|ref - pred| per DVH metric]) of one patient; the reference's
+    masks serve both doses."""
     pred, ref = np.asarray(pred, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     ref_dvh = openkbp_dvh(ref, structure_masks, voxel_dimensions, roi_names)
     pred_dvh = openkbp_dvh(pred, structure_masks, voxel_dimensions, roi_names)
@@ -135,7 +136,8 @@ def openkbp_patient(pred, ref, possible_dose_mask, structure_masks, voxel_dimens
 def openkbp_aggregate(patients):
     """(dose score, DVH score): nanmean of the patients' dose errors, and of the whole patients x
     (metric, ROI) table of DVH errors (absent ROIs left out), as the official code does."""
-    dose, dvh = [p[0] for p in patients], [e for p in patients for e in p[1]]
+    dose = [p[0] for p in patients]
+    dvh = [e for p in patients for e in p[1]]
     return (float(np.mean(dose)) if dose else float("nan")), (float(np.mean(dvh)) if dvh else float("nan"))
 
 def openkbp_scores(pred, ref, possible_dose_mask, structure_masks, voxel_dimensions, roi_names=data.OPENKBP_ROIS):
@@ -172,7 +174,8 @@ def balanced_accuracy(y_true, y_pred):
 def roc_auc(y_true, score, name="AUC"):
     """Area under the ROC curve: P(a random positive scores above a random negative), ties 1/2
     (sklearn's roc_auc_score). NaN or inf scores are an error; one class only gives NaN and a warning."""
-    y, score = np.asarray(y_true).astype(bool).ravel(), np.asarray(score, dtype=np.float64).ravel()
+    y = np.asarray(y_true).astype(bool).ravel()
+    score = np.asarray(score, dtype=np.float64).ravel()
     if not np.isfinite(score).all():
         raise ValueError(f"{name}: {np.sum(~np.isfinite(score))} scores are NaN or inf")
     neg = np.sort(score[~y])
@@ -203,7 +206,8 @@ def delta_mtl(metrics, stl_metrics, tasks):
     return (float(np.mean(list(per_task.values()))) if per_task else float("nan")), per_task
 
 def better(a, b, key):
-    """Does a (this epoch) beat the best so far, b? Anything beats None or NaN; a tie goes to the later epoch."""
+    """Does value a (this epoch) beat the best so far, b? Anything beats None or NaN, and a tie goes to the later
+    epoch (small validation sets saturate)."""
     if b is None or not np.isfinite(b):
         return True
     return bool(np.isfinite(a)) and (b - a if key in LOWER_IS_BETTER else a - b) >= 0
@@ -699,7 +703,8 @@ def load_stage(cfg, entry, n_rois):
 def run_guidance(cfg, log=print):
     """The stages of --arch guidance in order (or --stage X alone; with --resume the unfinished ones),
     then OUT/results.json {"guidance": {stage: test metrics}} and a side-by-side table in the log."""
-    splits, results = open_splits(cfg, log), {}
+    splits = open_splits(cfg, log)
+    results = {}
     for entry, reads in GUIDANCE.items():
         sub = dict(cfg, out=str(Path(cfg["out"]) / entry), arch=f"guidance {entry}", tasks=DOSE_TASK,
                    select="dose_score", guidance_out=cfg["out"], superior_input=entry in ("a_superior", "b_guidance"))
@@ -808,9 +813,11 @@ def bench(cfg, log=print):
         t = time.perf_counter()
         for _ in range(steps):
             next(batches)
-        rate, n = steps * shape[0] / (time.perf_counter() - t), steps * shape[0]
-        results[0]["hdf5"] = {"file": cfg["data"], "workers": cfg["workers"], "samples_per_s": round(n / total, 2),
-                              "data_wait_fraction": round(wait / total, 4), "loader_samples_per_s": round(rate, 2)}
+        loader_rate = steps * shape[0] / (time.perf_counter() - t)
+        results[0]["hdf5"] = {"file": cfg["data"], "workers": cfg["workers"],
+                              "samples_per_s": round(steps * shape[0] / total, 2),
+                              "data_wait_fraction": round(wait / total, 4),
+                              "loader_samples_per_s": round(loader_rate, 2)}
     ms, gflop = (np.array([r[key] for r in results]) for key in ("ms_per_step", "gflop_per_step"))
     ratios = {r["arch"]: {"time": round(t, 3), "flops": round(f, 3), "time_over_flops": round(t / f, 3)}
               for r, t, f in zip(results, ms / ms[0], gflop / gflop[0])}
@@ -971,8 +978,10 @@ def parse_args(argv=None):
         p.add_argument(flag, action="store_true", default=None, help=text)
     p.add_argument("--summary", metavar="DIR", help="print the README tables of DIR/seedS/FILE-ARCH/results.json")
     args = p.parse_args(argv)
-    if args.summary or not (args.dataset and args.arch):
-        return args if args.summary else p.error("--dataset and --arch are required (unless --summary DIR)")
+    if args.summary:
+        return args
+    if not (args.dataset and args.arch):
+        p.error("--dataset and --arch are required (unless --summary DIR)")
     if "," in args.arch and not args.bench:
         p.error(f"--arch {args.arch}: a comma list of archs is for --bench (training takes one arch)")
     if args.arch == "guidance" and (args.bench or args.eval_only):
