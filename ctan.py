@@ -46,28 +46,28 @@ class CrossTaskAttention(nn.Module):
         k_t, v_t = W_kv^r LN(P a_r), for every r != t    keys and values: the other tasks' tokens, concatenated into
                                                          one sequence (B, (T-1) N, D): one softmax over all of them
         a_t <- a_t + gamma_t up(W_o^t MHA(q_t, k_t, v_t) + b_o^t)   multi-head attention, a gated residual update
-    From the paper: queries from a task, keys and values from the others. Ours (arguments): ``attention_heads``;
-    the inner width D = channels // reduction rounded down to a multiple of the heads (at least one per head);
-    P pools by powers of 2 until at most ``max_tokens`` tokens remain (None: no pooling), which bounds the cost
-    in 3D, and up() gives each pooled block its token's update; gamma_t starts at ``gate_init``; LN has no affine
-    and W_kv no bias (W would absorb the affine; softmax ignores a key bias, a value bias only shifts b_o); all T
-    tasks run at once, their weights stacked."""
-    def __init__(self, channels, n_tasks, attention_heads=4, reduction=4, max_tokens=512, gate_init=0.1):
+    From the paper: queries from a task, keys and values from the others. Ours (arguments): D = channels // reduction
+    in ``attention_heads`` heads, fewer where a head would get under ``min_head_dim`` values (4 heads of 4 take 5x the
+    time of 1 of 16 on a CPU); P pools by powers of 2 until at most ``max_tokens`` tokens remain (None: no pooling),
+    which bounds the cost in 3D, and up() gives each pooled block its token's update; gamma_t starts at ``gate_init``;
+    LN has no affine and W_kv no bias (W would absorb the affine; softmax ignores a key bias, a value bias only shifts
+    b_o); all T tasks run at once, their weights stacked."""
+    def __init__(self, channels, n_tasks, attention_heads=4, min_head_dim=16, reduction=4, max_tokens=512,
+                 gate_init=0.1):
         super().__init__()
-        for name, value in (("channels", channels), ("attention_heads", attention_heads), ("reduction", reduction)):
-            check_arg(name, value, is_int, "an integer >= 1")
+        for name in ("channels", "attention_heads", "min_head_dim", "reduction"):
+            check_arg(name, locals()[name], is_int, "an integer >= 1")
         check_arg("n_tasks", n_tasks, lambda v: is_int(v, 2), ">= 2: ctan needs at least two tasks")
         check_arg("max_tokens", max_tokens, lambda v: v is None or is_int(v), "an integer >= 1 or None (no limit)")
         check_arg("gate_init", gate_init, is_real, "a finite number")
-        self.attention_heads, self.max_tokens = attention_heads, max_tokens
-        self.inner = max(attention_heads, channels // reduction // attention_heads * attention_heads)  # D
+        self.attention_heads = h = max(1, min(attention_heads, channels // reduction // min_head_dim))
+        self.inner = max(h, channels // reduction // h * h)  # D, a multiple of the heads
+        self.max_tokens = max_tokens
         n, c, d = n_tasks, channels, self.inner
         self.w_q, self.b_q = uniform((n, c, d), c), uniform((n, 1, d), c)  # W_q^t, b_q^t
         self.w_kv = uniform((n, c, 2 * d), c)  # W_kv^t: task t's keys and values, for the other tasks
         self.w_o, self.b_o = uniform((n, d, c), d), uniform((n, 1, c), d)  # W_o^t, b_o^t
         self.gate = nn.Parameter(torch.full((n_tasks, 1, 1), float(gate_init)))  # gamma_t
-        others = [[r for r in range(n_tasks) if r != t] for t in range(n_tasks)]
-        self.register_buffer("others", torch.tensor(others), persistent=False)  # (T, T-1): whom t attends to
 
     def pool_factor(self, spatial):
         """The power of 2 that pools ``spatial`` to at most max_tokens tokens."""
@@ -78,17 +78,18 @@ class CrossTaskAttention(nn.Module):
 
     def forward(self, a):  # a: T maps (B, C, *S) -> T maps (B, C, *S)
         n, (b, c, *spatial), h, d = len(a), a[0].shape, self.attention_heads, self.inner
-        x = torch.cat(a)  # (T*B, C, *S)
         factor = self.pool_factor(spatial)
-        pooled = avg_pool(x, factor)  # (T*B, C, *S'), S' = S / factor: N tokens per task and case
-        z = F.layer_norm(pooled.movedim(1, -1), (c,)).view(n, -1, c)  # (T, B*N, C): LN over C of each token
+        pooled = [avg_pool(a_t, factor) for a_t in a]  # T maps (B, C, *S'), S' = S / factor: N tokens per case
+        z = torch.cat([p.flatten(2).transpose(1, 2) for p in pooled]).view(n, -1, c)  # (T, B*N, C): the tokens
+        z = F.layer_norm(z, (c,))  # LN over C of each token
         q = torch.baddbmm(self.b_q, z, self.w_q).view(n * b, -1, h, d // h).transpose(1, 2)  # (T*B, h, N, D/h)
-        kv = torch.bmm(z, self.w_kv).view(n, b, -1, 2, h, d // h)[self.others]  # (T, T-1, B, N, 2, h, D/h): others'
+        kv = torch.bmm(z, self.w_kv).view(n, b, -1, 2, h, d // h)  # (T, B, N, 2, h, D/h)
+        kv = torch.stack([kv.roll(-r, 0) for r in range(1, n)], 1)  # (T, T-1, B, N, 2, h, D/h): [t, r-1] is t + r's
         k, v = kv.permute(4, 0, 2, 5, 1, 3, 6).reshape(2, n * b, h, -1, d // h)  # (T*B, h, (T-1)*N, D/h) each
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, d)  # (T, B*N, D)
-        u = torch.baddbmm(self.b_o, o, self.w_o) * self.gate  # (T, B*N, C): gamma_t (W_o^t MHA(...) + b_o^t)
-        u = u.view(n * b, *pooled.shape[2:], c).movedim(-1, 1)  # (T*B, C, *S')
-        return add_upsampled(x, u, factor).chunk(n)  # T maps (B, C, *S)
+        u = torch.baddbmm(self.b_o * self.gate, o, self.w_o * self.gate)  # (T, B*N, C): gamma_t (W_o^t MHA + b_o^t)
+        u = u.view(n, b, *pooled[0].shape[2:], c).movedim(-1, 2).contiguous()  # (T, B, C, *S')
+        return [a_t + upsample(u_t, factor, spatial) for a_t, u_t in zip(a, u)]  # T maps (B, C, *S)
 
 def uniform(shape, fan_in):
     """A parameter drawn as nn.Linear draws its weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -225,10 +226,11 @@ class CTAN(MTAN):
     """Cross-Task Attention Network (from the paper: cross-task attention between the tasks' features in a shared
     encoder, a head per task). Ours, inferred: its task features are MTAN's (masks, transitions), so CTAN is MTAN plus
     a CrossTaskAttention after each stage in ``cross_stages`` (ours: None, all; () is MTAN). The exchanged a_t^s
-    flow into the next mask, the skips and the heads. ``attention_heads``, ``reduction``, ``max_tokens``,
-    ``gate_init``: see CrossTaskAttention."""
+    flow into the next mask, the skips and the heads. ``attention_heads``, ``min_head_dim``, ``reduction``,
+    ``max_tokens``, ``gate_init``: see CrossTaskAttention."""
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
-                 cross_stages=None, attention_heads=4, reduction=4, max_tokens=512, gate_init=0.1, **options):
+                 cross_stages=None, attention_heads=4, min_head_dim=16, reduction=4, max_tokens=512, gate_init=0.1,
+                 **options):
         super().__init__(tasks, in_channels, dims, norm_kind, encoder, transition, **options)
         if len(self.tasks) < 2:
             raise ValueError(f"tasks: ctan needs at least two tasks (else nothing to attend to), got {tasks}")
@@ -237,7 +239,7 @@ class CTAN(MTAN):
         check_arg("cross_stages", cross_stages, lambda v: is_ints(v) and all(s <= n for s in v),
                   f"stage numbers within 1..{n}, e.g. (4,) for the bottleneck alone")
         self.cross.update({str(s): CrossTaskAttention(self.encoder.channels[s], len(self.tasks), attention_heads,
-                                                      reduction, max_tokens, gate_init)
+                                                      min_head_dim, reduction, max_tokens, gate_init)
                            for s in sorted(set(cross_stages))})
 
 class STL(MultiTaskNet):
@@ -379,14 +381,12 @@ def conv_norm(dims, cin, cout, k=3, stride=1, norm_kind="batch", act=True, dilat
 def avg_pool(x, factor):
     """Average-pool every spatial axis by ``factor`` (ceil mode), 2D or 3D."""
     return x if factor == 1 else (F.avg_pool2d if x.dim() == 4 else F.avg_pool3d)(x, factor, factor, ceil_mode=True)
-def add_upsampled(x, y, factor):
-    """x + y upsampled by ``factor`` (nearest: y's value at each of x's blocks, the edge blocks cut to x's size);
-    where the factor divides the size, y is broadcast over x's blocks instead of materialising the upsampled map."""
-    if any(n % factor for n in x.shape[2:]):
-        return x + F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *[slice(n) for n in x.shape[2:]])]
-    blocks = lambda z, f: z.reshape(*z.shape[:2], *[v for n in z.shape[2:] for v in (n // f, f)])  # (B, C, S/f, f)
-    return (blocks(x, factor) + blocks(y, 1)).reshape(x.shape)
-
+def upsample(y, factor, size):
+    """avg_pool's map back to ``size``: y (B, C, *S') upsampled by ``factor`` (nearest: each block gets its
+    token's value), the edge blocks cut to ``size``."""
+    if factor == 1:
+        return y
+    return F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *[slice(n) for n in size])]
 def run(encoder, fn, *args):
     """fn(*args) through the encoder's ``run`` (gradient checkpointing), where it has one."""
     return encoder.run(fn, *args) if hasattr(encoder, "run") else fn(*args)

@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.utils.flop_counter
 import torch.nn.functional as F
+from torch.utils import flop_counter
 from PIL import Image, ImageDraw
 
 import ctan
@@ -763,6 +763,12 @@ def timed_step(run, next_batch):
     torch.cuda.synchronize() if run.device.type == "cuda" else None
     return t1 - t0, time.perf_counter() - t0
 
+CPU_ATTENTION_FLOPS = {  # flop_counter counts no attention on a CPU: its CPU kernels get the GPU kernels' formulas
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda g, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(g, q, k, v)}
+
 def bench(cfg, log=print):
     """Times --steps training steps (after a warm-up) of every arch of --arch a,b,... interleaved in one
     process, on random tensors already on the device, of the --data file's item size (without a file, the dataset's
@@ -783,8 +789,8 @@ def bench(cfg, log=print):
     for run in runs:
         torch.cuda.reset_peak_memory_stats() if cuda else None
         resident = torch.cuda.memory_allocated() if cuda else 0  # the other archs' weights and optimizer states
-        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:  # eager: torch.compile would
-            train_step(SimpleNamespace(**{**vars(run), "net": run.model}), batch)  # skip code first run under a mode
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:  # eager:
+            train_step(SimpleNamespace(**{**vars(run), "net": run.model}), batch)  # compile skips code run under a mode
         timed_step(run, lambda: batch)  # the first step of what is timed (--compile: compiled here)
         run.flops, run.peak = counter.get_total_flops(), (torch.cuda.max_memory_allocated() - resident) / 2**30
     log(f"bench: {', '.join(archs)} on random {shape} ({cfg['device']}, {cfg['precision']}), {warmup} + {steps} steps "
