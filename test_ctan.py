@@ -238,13 +238,25 @@ def reference_cross_attention(att, feats, factor):
     return out
 
 
+def test_cross_task_attention_gives_every_head_at_least_min_head_dim_values():
+    """D = channels // reduction in up to attention_heads heads of >= min_head_dim values (width 16's stages: 1, 2,
+    4, 4 heads); where even one head would get fewer, one head takes all of D."""
+    for channels, heads, inner in ((64, 1, 16), (128, 2, 32), (256, 4, 64), (512, 4, 128), (8, 1, 2)):
+        att = ctan.CrossTaskAttention(channels, 2)
+        assert (att.attention_heads, att.inner) == (heads, inner)
+    att = ctan.CrossTaskAttention(100, 2, attention_heads=3, min_head_dim=8)  # D = 25 rounded down to 3 heads of 8
+    assert (att.attention_heads, att.inner) == (3, 24)
+
+
 @pytest.mark.parametrize("shape, factor", [((2, 8, 32, 32), 4), ((2, 8, 8, 8), 1), ((1, 8, 10, 40), 4)])
 def test_cross_task_attention_pools_to_bounded_tokens_and_matches_the_plain_formula(shape, factor):
     """Every task's tokens (queries, keys, values) are pooled by powers of 2 to at most max_tokens; the computation
     equals the plain per-task formula (including 10 x 40 pooled to 3 x 10, which does not divide the map: the update
     of the last block, 2 rows, is that of the token pooled from those 2 rows)."""
     torch.manual_seed(0)
-    att = ctan.CrossTaskAttention(channels=8, n_tasks=3, attention_heads=2, max_tokens=64, gate_init=0.5)
+    att = ctan.CrossTaskAttention(channels=8, n_tasks=3, attention_heads=2, min_head_dim=1, max_tokens=64,
+                                  gate_init=0.5)
+    assert att.attention_heads == 2  # two heads of 1 value: the formula is checked with more than one head
     assert att.pool_factor(shape[2:]) == factor and att.pool_factor((16, 16, 16)) == 4
     assert ctan.CrossTaskAttention(8, 2, max_tokens=None).pool_factor((64, 64, 64)) == 1  # None: no limit
     feats = [torch.randn(shape) for _ in range(3)]
@@ -295,6 +307,7 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("ctan", TWO, 1, max_tokens=0, **TINY), "max_tokens must be an integer >= 1 or None"),
     (lambda: ctan.build_model("ctan", TWO, 1, attention_heads=0, **TINY), "attention_heads must be an integer >= 1"),
     (lambda: ctan.build_model("ctan", TWO, 1, reduction=0, **TINY), "reduction must be an integer >= 1"),
+    (lambda: ctan.build_model("ctan", TWO, 1, min_head_dim=2.0, **TINY), "min_head_dim must be an integer >= 1"),
     (lambda: ctan.build_model("ctan", TWO, 1, gate_init=float("nan"), **TINY), "gate_init must be a finite number"),
     (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=(0,), **TINY), "cross_stages must be stage numbers"),
     (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=4, **TINY), "cross_stages must be stage numbers"),
