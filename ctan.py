@@ -1,13 +1,13 @@
 """Cross-Task Attention Network (CTAN; Kim, Purdie, McIntosh, MICCAI 2023 Workshops, arXiv 2309.03837) for
 multi-task learning in medical imaging, its baselines and two related systems, in one file that needs torch only.
 
-CTAN's data flow, in the notation used throughout (tasks t = 1..T, encoder stages s = 1..4, always 1-based):
+CTAN's data flow, in the notation used throughout (tasks t = 1..T, encoder stages s = 1..n, n = 4 by default):
     x (B, C_in, *S), 2D or 3D  ->  shared encoder: stem, then stages s giving shared features p^s
     task-specific features (MTAN's attention):  a_t^s = m_t^s * p^s,  m_t^s = mask_t^s([p_b^s ; g^s(a_t^(s-1))])
         p_b^s: the shared features before stage s's last block; g^s: the transition into stage s
     cross-task attention after stage s:  a_t^s <- a_t^s + gamma_t up(W_o^t MHA(q_t, k_t, v_t) + b_o^t), where t's
         queries q_t come from its own a_t^s and its keys and values k_t, v_t from every other task's a_r^s
-    task heads: task t reads [stem, a_t^1 .. a_t^4]: a U-Net decoder (pixel-level) or pooling + MLP (image-level)
+    task heads: task t reads [stem, a_t^1 .. a_t^n]: a U-Net decoder (pixel-level) or pooling + MLP (image-level)
 
 Provenance: we have the paper's abstract and its authors' follow-up (arXiv 2411.18767), not its full text. From
 the paper: a shared encoder, cross-task attention (a task's queries, the other tasks' keys and values), a decoder
@@ -15,15 +15,16 @@ per pixel-level task, the baselines STL, HPS, MTAN. Ours (inferred, each an argu
 masks and transitions (so CTAN vs MTAN isolates the exchange), pooling, heads, widths. Each class says whose is what.
 
 Map of the file: CrossTaskAttention, TaskAttention (CTAN's exchange, MTAN's masks); MultiTaskNet, MTAN, CTAN, STL,
-HPS (the networks); ResNetEncoder (and the encoder protocol), PixelDecoder, ImageClassifier, layers; MFEUNet,
-GuidanceObjective, GuidedModel (related systems); Weighting (task losses), build_model (any network, any size).
+HPS (the networks); ResNetEncoder (the encoder protocol), its blocks, PixelDecoder, ImageClassifier, layers; MFEUNet,
+ResFormerEncoder, GuidanceNetwork, GuidanceObjective, GuidedModel (related systems); Weighting, build_model.
 
 Usage (outputs are raw: logits for segmentation and classification, unscaled values for regression):
     tasks = {"dose": ("pixel", 1), "diagnosis": ("image", 3)}   # {name: (kind, n_out)}, kind "pixel" or "image"
     model = build_model("ctan", tasks, in_channels=1, dims=2, width=16, depth=(2, 2, 2, 2))
-    out = model(torch.randn(8, 1, 128, 128))   # {"dose": (8, 1, 128, 128), "diagnosis": (8, 3)}; sizes % 32 == 0
-    weighting = Weighting("equal", tasks)      # "uncertainty": give weighting.parameters() to the optimiser
-    loss = weighting({"dose": F.l1_loss(out["dose"], dose), "diagnosis": F.cross_entropy(out["diagnosis"], y)})
+    x, dose, label = torch.randn(8, 1, 128, 128), torch.rand(8, 1, 128, 128), torch.randint(0, 3, (8,))
+    out = model(x)   # {"dose": (8, 1, 128, 128), "diagnosis": (8, 3)}; sizes: multiples of 2^(n+1) = 32
+    weighting = Weighting("equal", tasks)   # "uncertainty": give weighting.parameters() to the optimiser
+    loss = weighting({"dose": F.l1_loss(out["dose"], dose), "diagnosis": F.cross_entropy(out["diagnosis"], label)})
 """
 import inspect
 import math
@@ -47,11 +48,11 @@ class CrossTaskAttention(nn.Module):
                                                          one sequence (B, (T-1) N, D): one softmax over all of them
         a_t <- a_t + gamma_t up(W_o^t MHA(q_t, k_t, v_t) + b_o^t)   multi-head attention, a gated residual update
     From the paper: queries from a task, keys and values from the others. Ours (arguments): D = channels // reduction
-    in ``attention_heads`` heads, fewer where a head would get under ``min_head_dim`` values (4 heads of 4 take 5x the
-    time of 1 of 16 on a CPU); P pools by powers of 2 until at most ``max_tokens`` tokens remain (None: no pooling),
-    which bounds the cost in 3D, and up() gives each pooled block its token's update; gamma_t starts at ``gate_init``;
-    LN has no affine and W_kv no bias (W would absorb the affine; softmax ignores a key bias, a value bias only shifts
-    b_o); all T tasks run at once, their weights stacked."""
+    (rounded down to a multiple of the heads) in ``attention_heads`` heads, fewer where a head would get under
+    ``min_head_dim`` values (4 heads of 4 take 5x the time of 1 of 16 on a CPU); P pools each axis by a power of 2
+    (capped at its size) to at most ``max_tokens`` tokens (None: no pooling), bounding the cost in 3D; up() gives
+    each pooled block its token's update; gamma_t starts at ``gate_init``; LN has no affine and W_kv no bias (W
+    absorbs the affine; softmax ignores a key bias, a value bias only shifts b_o); all T tasks run at once, stacked."""
     def __init__(self, channels, n_tasks, attention_heads=4, min_head_dim=16, reduction=4, max_tokens=512,
                  gate_init=0.1):
         super().__init__()
@@ -70,15 +71,16 @@ class CrossTaskAttention(nn.Module):
         self.gate = nn.Parameter(torch.full((n_tasks, 1, 1), float(gate_init)))  # gamma_t
 
     def pool_factor(self, spatial):
-        """The power of 2 that pools ``spatial`` to at most max_tokens tokens."""
+        """Per axis, the smallest power of 2 (capped at the axis' size) that pools ``spatial`` to <= max_tokens."""
         factor = 1
-        while self.max_tokens and math.prod([-(-s // factor) for s in spatial]) > self.max_tokens:
+        while self.max_tokens and math.prod([-(-n // min(factor, n)) for n in spatial]) > self.max_tokens:
             factor *= 2
-        return factor
+        return tuple(min(factor, n) for n in spatial)
 
     def forward(self, a):  # a: T maps (B, C, *S) -> T maps (B, C, *S)
-        n, (b, c, *spatial), h, d = len(a), a[0].shape, self.attention_heads, self.inner
-        factor = self.pool_factor(spatial)
+        b, c, *spatial = a[0].shape
+        n, h, d = len(a), self.attention_heads, self.inner
+        factor = self.pool_factor(spatial)  # per axis
         pooled = [avg_pool(a_t, factor) for a_t in a]  # T maps (B, C, *S'), S' = S / factor: N tokens per case
         z = torch.cat([p.flatten(2).transpose(1, 2) for p in pooled]).view(n, -1, c)  # (T, B*N, C): the tokens
         z = F.layer_norm(z, (c,))  # LN over C of each token
@@ -97,7 +99,7 @@ def uniform(shape, fan_in):
 
 class TaskAttention(nn.Module):
     """MTAN's attention module for one task and stage (from MTAN; Liu, Johns, Davison, CVPR 2019): the soft mask
-    m_t^s = sigmoid(BN(conv1x1(ReLU(BN(conv1x1([p_b^s ; g^s(a_t^(s-1))])))))) (p_b^s alone at stage 1) selects
+    m_t^s = sigmoid(norm(conv1x1(ReLU(norm(conv1x1([p_b^s ; g^s(a_t^(s-1))])))))) (p_b^s alone at stage 1) selects
     task t's features from the stage's shared output: a_t^s = m_t^s * p^s."""
     def __init__(self, dims, cin, cout, norm_kind="batch"):
         super().__init__()
@@ -115,12 +117,10 @@ class UnknownOption(TypeError):
 
 class MultiTaskNet(nn.Module):
     """Base of every network (ours): checks the tasks, builds the encoder (``encoder``: a module or a function
-    returning one, see ResNetEncoder for the protocol; default ResNet-50) and one head per task (``make_head``).
-    Subclasses define ``features(x) -> {task: [maps, shallow to deep]}``; forward maps x (B, C_in, *S) to
-    {task: (B, n_out, *S) for pixel-level tasks, (B, n_out) for image-level ones}."""
+    returning one, see ResNetEncoder for the protocol; default ResNet-50) and a head per task. Subclasses define
+    ``features(x) -> {task: [maps, shallow first]}``; forward: x (B, C_in, *S) -> {task: (B, n_out, *S) | (B, n_out)}"""
     per_task_encoders = False  # STL: one encoder per task
     needs = ("channels",)  # what features() uses of the encoder
-
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, classifier_levels=(-1,),
                  classifier_hidden=256, **unknown):
         super().__init__()
@@ -151,15 +151,18 @@ class MultiTaskNet(nn.Module):
         return ResNetEncoder(self.dims, self.in_channels)  # ResNet-50
 
     def make_encoder(self, encoder):
-        try:  # a module, or a function (a class) that returns one
-            encoder = encoder if isinstance(encoder, nn.Module) else (encoder or self.default_encoder)()
-        except TypeError as e:  # not callable, or called without the arguments it needs
-            raise ValueError(f"encoder must be a module or a function returning one (e.g. lambda: "
-                             f"ResNetEncoder(2, 1)): {e}") from None
+        if not isinstance(encoder, nn.Module):  # a function (a class) returning one, called without arguments
+            try:
+                inspect.signature(encoder or self.default_encoder).bind()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"encoder must be a module or a function returning one (e.g. lambda: "
+                                 f"ResNetEncoder(2, 1)), got {encoder!r}: {e}") from None
+            encoder = (encoder or self.default_encoder)()
         missing = [name for name in self.needs if not hasattr(encoder, name)]
         if not isinstance(encoder, nn.Module) or missing:
+            problem = f"lacks {', '.join(missing)}" if missing else "is not an nn.Module"
             raise ValueError(f"encoder must be a module, or a function returning one, with {', '.join(self.needs)} "
-                             f"(the protocol: ResNetEncoder): {type(encoder).__name__} lacks {', '.join(missing)}")
+                             f"(the protocol: ResNetEncoder): {type(encoder).__name__} {problem}")
         return encoder
 
     def check(self, x):
@@ -185,7 +188,6 @@ class MTAN(MultiTaskNet):
     max-pool where the encoder downsamples; the encoder's ``block`` class) or "conv" (ours: a strided 1x1
     conv-norm-ReLU per task, far fewer FLOPs). Task t's head reads [stem, a_t^1 .. a_t^4] (ours: U-Net skips)."""
     needs = ("channels", "stem", "pool", "stages")
-
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block", **options):
         check_arg("transition", transition, lambda v: v in ("block", "conv"), "'block' (official MTAN) or 'conv'")
         self.needs = self.needs + (("block",) if transition == "block" else ())
@@ -193,7 +195,7 @@ class MTAN(MultiTaskNet):
         enc, names = self.encoder, list(self.tasks)
         if len(enc.channels) != len(enc.stages) + 1 or any(not isinstance(st, nn.Sequential) or len(st) < 2
                                                            for st in enc.stages):  # the masks read the next-to-last
-            raise ValueError(f"depth: mtan/ctan need stages of depth >= 2 blocks (nn.Sequential) and channels for "
+            raise ValueError(f"depth (or encoder): mtan/ctan need stages of >= 2 blocks (nn.Sequential), channels for "
                              f"[stem, stage 1 .. n], got {[len(st) for st in enc.stages]}, {enc.channels}")
         ch = enc.channels[1:]
         self.masks = nn.ModuleDict({str(s): nn.ModuleDict({t: TaskAttention(dims, c * (1 if s == 1 else 2), c,
@@ -208,14 +210,15 @@ class MTAN(MultiTaskNet):
     def features(self, x):  # x (B, C_in, *S) -> {task: [stem, a_t^1 .. a_t^n]}
         enc, names = self.encoder, list(self.tasks)
         stem = enc.stem(x)
-        p, a, levels = enc.pool(stem), [None] * len(names), []
+        p, a, levels = enc.pool(stem), [None] * len(names), []  # a: a_t^(s-1), none before stage 1
         for s, stage in enumerate(enc.stages, 1):
             p_b = run(enc, stage[:-1], p)  # p_b^s: before the stage's last block
             p = run(enc, stage[-1], p_b)  # p^s: the stage's shared output
             if s > 1:  # g^s(a_t^(s-1)): to stage s's channels, then (official MTAN) max-pooled to its size
                 g = self.transitions[str(s)]
                 a = [run(enc, g[t] if isinstance(g, nn.ModuleDict) else g, a_t) for t, a_t in zip(names, a)]
-                a = [y if y.shape == p.shape else F.max_pool2d(y, 2) if y.dim() == 4 else F.max_pool3d(y, 2) for y in a]
+                max_pool = F.max_pool2d if p.dim() == 4 else F.max_pool3d
+                a = [y if y.shape == p.shape else max_pool(y, 2) for y in a]
             a = [self.masks[str(s)][t](p_b, p, a_t) for t, a_t in zip(names, a)]  # a_t^s = m_t^s * p^s
             if str(s) in self.cross:
                 a = self.cross[str(s)](a)  # CTAN: the tasks exchange their features
@@ -226,18 +229,15 @@ class CTAN(MTAN):
     """Cross-Task Attention Network (from the paper: cross-task attention between the tasks' features in a shared
     encoder, a head per task). Ours, inferred: its task features are MTAN's (masks, transitions), so CTAN is MTAN plus
     a CrossTaskAttention after each stage in ``cross_stages`` (ours: None, all; () is MTAN). The exchanged a_t^s
-    flow into the next mask, the skips and the heads. ``attention_heads``, ``min_head_dim``, ``reduction``,
-    ``max_tokens``, ``gate_init``: see CrossTaskAttention."""
+    flow into the next mask, the skips and the heads. The other arguments: see CrossTaskAttention."""
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
                  cross_stages=None, attention_heads=4, min_head_dim=16, reduction=4, max_tokens=512, gate_init=0.1,
                  **options):
         super().__init__(tasks, in_channels, dims, norm_kind, encoder, transition, **options)
-        if len(self.tasks) < 2:
-            raise ValueError(f"tasks: ctan needs at least two tasks (else nothing to attend to), got {tasks}")
         n = len(self.encoder.stages)
         cross_stages = range(1, n + 1) if cross_stages is None else cross_stages
         check_arg("cross_stages", cross_stages, lambda v: is_ints(v) and all(s <= n for s in v),
-                  f"stage numbers within 1..{n}, e.g. (4,) for the bottleneck alone")
+                  f"stage numbers within 1..{n}, e.g. ({n},) for the deepest alone")
         self.cross.update({str(s): CrossTaskAttention(self.encoder.channels[s], len(self.tasks), attention_heads,
                                                       min_head_dim, reduction, max_tokens, gate_init)
                            for s in sorted(set(cross_stages))})
@@ -246,7 +246,6 @@ class STL(MultiTaskNet):
     """Single-task learning baseline (from the paper's comparison): one full encoder per task, nothing shared;
     tasks only meet in the summed loss."""
     per_task_encoders = True
-
     def features(self, x):
         return {name: enc(x) for name, enc in self.encoders.items()}
 
@@ -271,7 +270,6 @@ class ResidualBlock(nn.Module):
 class BasicBlock(ResidualBlock):
     """ResNet-18/34 block: two 3x3 convolutions (from ResNet)."""
     expansion = 1
-
     def __init__(self, dims, cin, cout, stride=1, norm_kind="batch"):
         super().__init__(dims, cin, cout, stride, norm_kind, conv_norm(dims, cin, cout, 3, stride, norm_kind) +
                          conv_norm(dims, cout, cout, 3, 1, norm_kind, act=False))
@@ -279,7 +277,6 @@ class BasicBlock(ResidualBlock):
 class Bottleneck(ResidualBlock):
     """ResNet-50 block: 1x1 reduce to cout/4, 3x3 (with the stride, as torchvision's v1.5), 1x1 expand (ResNet)."""
     expansion = 4
-
     def __init__(self, dims, cin, cout, stride=1, norm_kind="batch"):
         mid = max(1, cout // 4)
         super().__init__(dims, cin, cout, stride, norm_kind, conv_norm(dims, cin, mid, 1, 1, norm_kind) +
@@ -288,7 +285,7 @@ class Bottleneck(ResidualBlock):
 
 class ResNetEncoder(nn.Module):
     """Shared encoder (ours, after the follow-up paper's ResNet-50): 7x7 stride-2 stem, max-pool, stage s = 1..n of
-    depth[s-1] blocks and width * 2**(s-1) * expansion channels; returns [stem, stage 1 .. 4] at /2, /4 .. /32.
+    depth[s-1] blocks and width * 2**(s-1) * expansion channels; returns [stem, stage 1 .. n] at /2, /4 .. /2^(n+1).
     ``block="basic"`` gives ResNet-34; ``checkpointing`` recomputes stages in the backward pass (3D memory).
     The encoder protocol, for an ``encoder=`` of your own: an nn.Module whose forward(x) returns the maps [stem,
     stage 1 .. n], each halving the size, with ``channels``, their channel counts. MTAN and CTAN also call ``stem``
@@ -298,19 +295,21 @@ class ResNetEncoder(nn.Module):
     def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), block="bottleneck", norm_kind="batch",
                  checkpointing=False):
         super().__init__()
+        check_arg("dims", dims, lambda v: v in (2, 3), "2 or 3")
         check_arg("width", width, is_int, "an integer >= 1")
         check_arg("depth", depth, lambda v: len(v) > 0 and is_ints(v), "blocks per stage: (3, 4, 6, 3)")
         check_arg("block", block, lambda v: v in ("bottleneck", "basic"), "'bottleneck' or 'basic'")
         check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
-        self.block, self.checkpointing = {"bottleneck": Bottleneck, "basic": BasicBlock}[block], checkpointing
+        self.block = {"bottleneck": Bottleneck, "basic": BasicBlock}[block]
+        self.checkpointing = checkpointing
         self.branches = None  # ResFormer: a module beside each stage, outputs summed
         self.stem = nn.Sequential(*conv_norm(dims, in_channels, width, 7, 2, norm_kind))
         self.pool = (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(3, stride=2, padding=1)
-        self.channels = [width] + [width * 2 ** s * self.block.expansion for s in range(len(depth))]
-        self.stages = nn.ModuleList(
-            nn.Sequential(*[self.block(dims, self.channels[s] if i == 0 else cout, cout, 2 if s > 0 and i == 0 else 1,
-                                       norm_kind) for i in range(n)])
-            for s, (n, cout) in enumerate(zip(depth, self.channels[1:])))
+        self.channels = [width] + [width * 2 ** i * self.block.expansion for i in range(len(depth))]
+        self.stages = nn.ModuleList(  # stage i + 1: n blocks, the first strided (but in stage 1: the pool did it)
+            nn.Sequential(*[self.block(dims, self.channels[i] if j == 0 else cout, cout, 2 if i > 0 and j == 0 else 1,
+                                       norm_kind) for j in range(n)])
+            for i, (n, cout) in enumerate(zip(depth, self.channels[1:])))
 
     def run(self, fn, *args):
         """fn(*args), recomputed in the backward pass when checkpointing is on."""
@@ -321,8 +320,8 @@ class ResNetEncoder(nn.Module):
     def forward(self, x):
         feats = [self.stem(x)]
         x = self.pool(feats[0])
-        for s, stage in enumerate(self.stages):
-            x = self.run(stage, x) if self.branches is None else self.run(stage, x) + self.run(self.branches[s], x)
+        for i, stage in enumerate(self.stages):
+            x = self.run(stage, x) if self.branches is None else self.run(stage, x) + self.run(self.branches[i], x)
             feats.append(x)
         return feats
 
@@ -379,14 +378,13 @@ def conv_norm(dims, cin, cout, k=3, stride=1, norm_kind="batch", act=True, dilat
     """conv -> norm (-> ReLU), as a list of layers to splice into an ``nn.Sequential``."""
     return [conv(dims, cin, cout, k, stride, dilation), norm(dims, cout, norm_kind)] + [nn.ReLU(inplace=True)] * act
 def avg_pool(x, factor):
-    """Average-pool every spatial axis by ``factor`` (ceil mode), 2D or 3D."""
-    return x if factor == 1 else (F.avg_pool2d if x.dim() == 4 else F.avg_pool3d)(x, factor, factor, ceil_mode=True)
+    """Average-pool each spatial axis by its ``factor`` (ceil mode), 2D or 3D."""
+    pool = F.avg_pool2d if x.dim() == 4 else F.avg_pool3d
+    return x if max(factor) == 1 else pool(x, factor, factor, ceil_mode=True)
 def upsample(y, factor, size):
-    """avg_pool's map back to ``size``: y (B, C, *S') upsampled by ``factor`` (nearest: each block gets its
+    """avg_pool's map back to ``size``: y (B, C, *S') upsampled by ``factor`` per axis (nearest: each block gets its
     token's value), the edge blocks cut to ``size``."""
-    if factor == 1:
-        return y
-    return F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *[slice(n) for n in size])]
+    return y if max(factor) == 1 else F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *map(slice, size))]
 def run(encoder, fn, *args):
     """fn(*args) through the encoder's ``run`` (gradient checkpointing), where it has one."""
     return encoder.run(fn, *args) if hasattr(encoder, "run") else fn(*args)
@@ -418,7 +416,8 @@ class WindowTransformer(nn.Module):
     (the official code has two Swin blocks), and a strided 1x1 projection in place of patch merging."""
     def __init__(self, dims, cin, cout, stride, heads=4, window=8, mlp_ratio=2):
         super().__init__()
-        self.heads, self.window = heads, window
+        self.attention_heads = heads
+        self.window = window
         self.proj = conv(dims, cin, cout, 1, stride, bias=True)
         self.norm1, self.norm2 = nn.LayerNorm(cout), nn.LayerNorm(cout)
         self.qkv, self.out = nn.Linear(cout, 3 * cout), nn.Linear(cout, cout)
@@ -430,7 +429,7 @@ class WindowTransformer(nn.Module):
         window = [min(self.window, n) for n in s]
         x = F.pad(x, [p for n, w in zip(reversed(s), reversed(window)) for p in (0, (-n) % w)])
         t, grid = window_partition(x, window)
-        q, k, v = self.qkv(self.norm1(t)).unflatten(2, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.norm1(t)).unflatten(2, (3, self.attention_heads, -1)).permute(2, 0, 3, 1, 4)
         t = t + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
         t = t + self.mlp(self.norm2(t))
         return window_merge(t, grid, window, b)[(slice(None), slice(None), *[slice(0, n) for n in s])]
@@ -445,8 +444,8 @@ class ResFormerEncoder(ResNetEncoder):
                   f"an integer >= 1 that divides every stage's channels {self.channels[1:]}")
         check_arg("window", window, is_int, "an integer >= 1")
         self.branches = nn.ModuleList(
-            WindowTransformer(dims, self.channels[s], self.channels[s + 1], 1 if s == 0 else 2, attention_heads,
-                              window) for s in range(len(depth)))
+            WindowTransformer(dims, self.channels[i], self.channels[i + 1], 1 if i == 0 else 2, attention_heads,
+                              window) for i in range(len(depth)))
 
 class DilatedFeatureEnhancement(nn.Module):
     """DFE skip refinement (from MFE-UNet): a 1x1 branch and 3x3 branches with dilations 6, 12, 18, concatenated,
@@ -505,7 +504,6 @@ class Frozen(nn.Module):
     """Base of the guided models (ours): the children named in ``frozen`` get no gradients and stay in eval mode
     (BN statistics, dropout) even while the model trains, so the stages they come from stay as trained."""
     frozen = ()
-
     def train(self, mode=True):
         super().train(mode)
         for name in self.frozen:
@@ -517,7 +515,6 @@ class GuidanceObjective(Frozen):
     per case, averaged over the encoder scales. x = [CT ; ROI masks]; the frozen inferior model reads the CT. The
     inferior and superior models are STL models of the same tasks and encoder sizes (ours)."""
     frozen = ("inferior", "superior")
-
     def __init__(self, inferior, superior, guidance):
         super().__init__()
         self.inferior, self.superior, self.guidance = inferior, superior, guidance
@@ -535,9 +532,9 @@ class GuidedModel(Frozen):
     the frozen G predicts the superior model's features from it. With the superior model's ``heads`` (c) they decode
     G(f); without (d) new heads, the only trained part, decode [f ; G(f)]."""
     frozen = ("inferior", "guidance")
-
     def __init__(self, inferior, guidance, heads=None):
         super().__init__()
+        check_arg("inferior", inferior, lambda v: isinstance(v, STL), "an STL model (its encoders, one per task)")
         self.inferior, self.guidance, self.combine = inferior, guidance, heads is None
         self.in_channels, self.dims, self.tasks = inferior.in_channels, inferior.dims, inferior.tasks
         channels = {name: [2 * c for c in encoder.channels] for name, encoder in inferior.encoders.items()}
@@ -553,20 +550,19 @@ class GuidedModel(Frozen):
 
 # Task weighting -------------------------------------------------------------------------------------------------------
 class Weighting(nn.Module):
-    """Task weighting: combines the task losses {task: scalar} into one loss, with the scheme of the paper named.
+    """Task weighting: combines the task losses {task: scalar} into one loss, with the scheme of the paper named;
+    tasks: {name: (kind, n_out)}, as the network's.
     equal: the plain sum (ours: the CTAN paper's weighting is not known to us).
-    dwa: Dynamic Weight Average (MTAN; Liu, Johns, Davison 2019): w_k = T softmax_k(r_k / 2), r_k =
-         L_k(e-1) / L_k(e-2) from the mean training losses of the last two epochs (w = 1 before).
-    uncertainty: Kendall, Gal, Cipolla (2018): sum_k exp(-s_k) L_k / 2 + s_k / 2, s_k learnable: they are this
-         module's parameters, so give ``weighting.parameters()`` to the optimiser (else the weights stay 0.5).
-    mfe: MFE-UNet's L_seg + 0.25 L_cls: weight 1 for pixel-level tasks, 0.25 for image-level ones.
-    tasks: {name: (kind, n_out)}. Call ``end_epoch`` with the epoch's mean losses (DWA's history is in the state)."""
+    dwa: Dynamic Weight Average (MTAN): w_k = T softmax_k(r_k / temperature), r_k = L_k(e-1) / L_k(e-2), the mean
+         training losses of the last two epochs (w = 1 before): call ``end_epoch`` with each epoch's (in the state).
+    uncertainty: Kendall, Gal, Cipolla (2018): sum_k exp(-s_k) L_k / 2 + s_k / 2 (their regression form; ours for
+         every task), s_k learnable: give ``weighting.parameters()`` to the optimiser (else the weights stay 0.5).
+    mfe: MFE-UNet's L_seg + 0.25 L_cls: weight 1 for pixel-level tasks, 0.25 for image-level ones."""
     METHODS = ("equal", "dwa", "uncertainty", "mfe")
-
     def __init__(self, method, tasks, temperature=2.0):
         super().__init__()
         check_arg("method", method, lambda v: v in self.METHODS, f"one of {self.METHODS}")
-        check_arg("tasks", tasks, lambda v: isinstance(v, dict) and v, "{name: (kind, n_out)}, as the network's")
+        check_arg("tasks", tasks, lambda v: v and all(len(spec) == 2 for spec in v.values()), "{name: (kind, n_out)}")
         check_arg("temperature", temperature, lambda v: is_real(v) and v > 0, "a positive number")
         self.method, self.tasks, self.temperature = method, list(tasks), temperature
         self.image_tasks = {name for name, (kind, _) in tasks.items() if kind == "image"}
@@ -617,11 +613,13 @@ def check_arg(name, value, ok, valid):
 
 def check_tasks(tasks):
     """{name: (kind, n_out)}: names are strings, kind is "pixel" or "image", n_out an integer >= 1."""
-    ok = isinstance(tasks, dict) and len(tasks) > 0 and all(
-        isinstance(name, str) and name and "." not in name and isinstance(spec, (tuple, list)) and len(spec) == 2
-        and spec[0] in TASK_KINDS and is_int(spec[1]) for name, spec in tasks.items())
-    check_arg("tasks", tasks, lambda v: ok, f"{{name: (kind, n_out)}} with kind in {TASK_KINDS}, n_out >= 1 (an "
-              "integer) and names without '.', e.g. {'dose': ('pixel', 1), 'diagnosis': ('image', 7)}")
+    spec = f"(kind, n_out) with kind in {TASK_KINDS} and n_out >= 1 (an integer)"
+    check_arg("tasks", tasks, lambda v: isinstance(v, dict) and v, f"{{name: {spec}}}, e.g. {{'dose': ('pixel', 1)}}")
+    for name, value in tasks.items():
+        check_arg("task names", name, lambda v: v and "." not in v and not hasattr(nn.ModuleDict, v),
+                  "strings without '.' that are not attributes of nn.ModuleDict (such as 'type', 'keys')")
+        check_arg(f"tasks[{name!r}]", value,
+                  lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and v[0] in TASK_KINDS and is_int(v[1]), spec)
     return {name: (kind, int(n)) for name, (kind, n) in tasks.items()}
 
 NETWORKS = {"stl": STL, "hps": HPS, "mtan": MTAN, "ctan": CTAN, "mfe": MFEUNet}
@@ -634,6 +632,8 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     function returning one; see ResNetEncoder for the protocol). Other keyword options go to the network's class
     (MTAN: ``transition``; CTAN: also ``cross_stages``, ``attention_heads``, ``max_tokens``, ...)."""
     check_arg("arch", arch, lambda v: v in NETWORKS, f"one of {', '.join(ARCHS)}")
+    if encoder is not None and (width, tuple(depth), block, checkpointing) != (64, (3, 4, 6, 3), "bottleneck", False):
+        raise ValueError("width, depth, block, checkpointing: set them on your encoder=, build_model's are for its own")
     enc = dict(width=width, depth=depth, norm_kind=norm_kind, checkpointing=checkpointing)
     if arch == "mfe":  # its encoder's options
         enc.update({k: options.pop(k) for k in ("attention_heads", "window") if k in options})

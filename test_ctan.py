@@ -248,6 +248,14 @@ def test_cross_task_attention_gives_every_head_at_least_min_head_dim_values():
     assert (att.attention_heads, att.inner) == (3, 24)
 
 
+def test_cross_task_attention_pools_each_axis_within_its_size():
+    """An anisotropic 3D map (64 x 2 x 2, at most 8 tokens) pools the long axis by 8 and the short ones by 2."""
+    att = ctan.CrossTaskAttention(16, 2, max_tokens=8)
+    assert att.pool_factor((64, 2, 2)) == (8, 2, 2)
+    a = [torch.randn(1, 16, 64, 2, 2) for _ in range(2)]
+    assert [o.shape for o in att(a)] == [x.shape for x in a]
+
+
 @pytest.mark.parametrize("shape, factor", [((2, 8, 32, 32), 4), ((2, 8, 8, 8), 1), ((1, 8, 10, 40), 4)])
 def test_cross_task_attention_pools_to_bounded_tokens_and_matches_the_plain_formula(shape, factor):
     """Every task's tokens (queries, keys, values) are pooled by powers of 2 to at most max_tokens; the computation
@@ -257,8 +265,8 @@ def test_cross_task_attention_pools_to_bounded_tokens_and_matches_the_plain_form
     att = ctan.CrossTaskAttention(channels=8, n_tasks=3, attention_heads=2, min_head_dim=1, max_tokens=64,
                                   gate_init=0.5)
     assert att.attention_heads == 2  # two heads of 1 value: the formula is checked with more than one head
-    assert att.pool_factor(shape[2:]) == factor and att.pool_factor((16, 16, 16)) == 4
-    assert ctan.CrossTaskAttention(8, 2, max_tokens=None).pool_factor((64, 64, 64)) == 1  # None: no limit
+    assert att.pool_factor(shape[2:]) == (factor, factor) and att.pool_factor((16, 16, 16)) == (4, 4, 4)
+    assert ctan.CrossTaskAttention(8, 2, max_tokens=None).pool_factor((64, 64, 64)) == (1, 1, 1)  # None: no limit
     feats = [torch.randn(shape) for _ in range(3)]
     out = att(feats)
     assert all(o.shape == f.shape for o, f in zip(out, feats))
@@ -299,7 +307,7 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("ctan", TWO, 1, dims=4), "dims must be 2 or 3"),
     (lambda: ctan.build_model("stl", {}, 1), "kind in"),
     (lambda: ctan.build_model("ctan", {"a": ("pixel", 1)}, 1, **TINY), "at least two tasks"),
-    (lambda: ctan.build_model("mtan", TWO, 1, width=4, depth=(1, 1, 1, 1)), "depth >= 2"),
+    (lambda: ctan.build_model("mtan", TWO, 1, width=4, depth=(1, 1, 1, 1)), "depth .* stages of >= 2 blocks"),
     (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=(5,), **TINY), "cross_stages"),
     (lambda: ctan.build_model("mtan", TWO, 1, transition="bottleneck", **TINY), "'block' .* or 'conv'"),
     (lambda: ctan.build_model("hps", TWO, 1, block="wide", **TINY), "'bottleneck' or 'basic'"),
@@ -315,7 +323,12 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("hps", TWO, 1, depth=(2, 0)), "depth must be blocks per stage"),
     (lambda: ctan.build_model("hps", TWO, 1, classifier_levels=(9,), **TINY), "classifier_levels must be indices"),
     (lambda: ctan.build_model("mfe", TWO, 1, attention_heads=3, **TINY), "attention_heads must be .* divides"),
-    (lambda: ctan.build_model("hps", {"a": {"kind": "pixel", "n_out": 1}}, 1), "tasks must be"),
+    (lambda: ctan.build_model("hps", {"a": {"kind": "pixel", "n_out": 1}}, 1), r"tasks\['a'\] must be \(kind, n_out\)"),
+    (lambda: ctan.build_model("hps", {"type": ("image", 2)}, 1), r"task names must be .* \(such as 'type'"),
+    (lambda: ctan.Weighting("equal", {"a": "pixel"}), r"tasks must be \{name: \(kind, n_out\)\}"),
+    (lambda: ctan.ResNetEncoder(5, 1), "dims must be 2 or 3"),
+    (lambda: ctan.build_model("hps", TWO, 1, width=8, encoder=OwnEncoder()), "width, depth, block, checkpointing"),
+    (lambda: ctan.GuidedModel(tiny_model("hps", TWO, in_channels=1), None), "inferior must be an STL model"),
     (lambda: ctan.build_model("hps", {"a": ("pixel", "3")}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("hps", {"a": ("pixel", 2.5)}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("hps", TWO, 0), "in_channels must be an integer >= 1"),
@@ -375,6 +388,13 @@ class OwnEncoder(torch.nn.Module):
         for stage in self.stages:
             feats.append(stage(feats[-1] if len(feats) > 1 else self.pool(feats[0])))
         return feats
+
+
+def test_an_error_inside_your_encoder_factory_is_reported_as_yours():
+    def factory():
+        raise TypeError("bug inside my encoder")
+    with pytest.raises(TypeError, match="bug inside my encoder"):
+        ctan.build_model("hps", TWO, 1, encoder=factory)
 
 
 def test_own_encoder_by_protocol_module_or_factory():
