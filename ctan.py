@@ -186,7 +186,7 @@ class MTAN(MultiTaskNet):
     mask on the stage's shared features; a_t^(s-1) reaches stage s's mask through the transition g^s.
     ``transition``: "block" (official: one residual block per stage, shared by the tasks, stride 1, then a 2x
     max-pool where the encoder downsamples; the encoder's ``block`` class) or "conv" (ours: a strided 1x1
-    conv-norm-ReLU per task, far fewer FLOPs). Task t's head reads [stem, a_t^1 .. a_t^4] (ours: U-Net skips)."""
+    conv-norm-ReLU per task, far fewer FLOPs). Task t's head reads [stem, a_t^1 .. a_t^n] (ours: U-Net skips)."""
     needs = ("channels", "stem", "pool", "stages")
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block", **options):
         check_arg("transition", transition, lambda v: v in ("block", "conv"), "'block' (official MTAN) or 'conv'")
