@@ -252,8 +252,7 @@ class STL(MultiTaskNet):
 class HPS(MultiTaskNet):
     """Hard parameter sharing baseline (from the paper's comparison): one shared encoder, one head per task."""
     def features(self, x):
-        feats = self.encoder(x)
-        return {name: feats for name in self.tasks}
+        return dict.fromkeys(self.tasks, self.encoder(x))  # every task reads the same maps
 
 # The shared encoder (ResNet; He et al. 2016) and the task heads ------------------------------------------------------
 class ResidualBlock(nn.Module):
@@ -607,7 +606,7 @@ def check_arg(name, value, ok, valid):
     try:
         if ok(value):
             return value
-    except TypeError:  # e.g. len() of a number
+    except (TypeError, AttributeError):  # e.g. len() of a number, .values() of a list
         pass
     raise ValueError(f"{name} must be {valid}, got {value!r}")
 
@@ -632,7 +631,8 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     function returning one; see ResNetEncoder for the protocol). Other keyword options go to the network's class
     (MTAN: ``transition``; CTAN: also ``cross_stages``, ``attention_heads``, ``max_tokens``, ...)."""
     check_arg("arch", arch, lambda v: v in NETWORKS, f"one of {', '.join(ARCHS)}")
-    if encoder is not None and (width, tuple(depth), block, checkpointing) != (64, (3, 4, 6, 3), "bottleneck", False):
+    default_depth = depth in ((3, 4, 6, 3), [3, 4, 6, 3])  # no tuple(depth): a bad depth gets its own message
+    if encoder is not None and (width, default_depth, block, checkpointing) != (64, True, "bottleneck", False):
         raise ValueError("width, depth, block, checkpointing: set them on your encoder=, build_model's are for its own")
     enc = dict(width=width, depth=depth, norm_kind=norm_kind, checkpointing=checkpointing)
     if arch == "mfe":  # its encoder's options

@@ -326,6 +326,8 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("hps", {"a": {"kind": "pixel", "n_out": 1}}, 1), r"tasks\['a'\] must be \(kind, n_out\)"),
     (lambda: ctan.build_model("hps", {"type": ("image", 2)}, 1), r"task names must be .* \(such as 'type'"),
     (lambda: ctan.Weighting("equal", {"a": "pixel"}), r"tasks must be \{name: \(kind, n_out\)\}"),
+    (lambda: ctan.Weighting("equal", ["a", "b"]), r"tasks must be \{name: \(kind, n_out\)\}"),
+    (lambda: ctan.build_model("hps", TWO, 1, depth=2, encoder=OwnEncoder()), "width, depth, block, checkpointing"),
     (lambda: ctan.ResNetEncoder(5, 1), "dims must be 2 or 3"),
     (lambda: ctan.build_model("hps", TWO, 1, width=8, encoder=OwnEncoder()), "width, depth, block, checkpointing"),
     (lambda: ctan.GuidedModel(tiny_model("hps", TWO, in_channels=1), None), "inferior must be an STL model"),
