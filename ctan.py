@@ -241,6 +241,9 @@ class CTAN(MTAN):
         self.cross.update({str(s): CrossTaskAttention(self.encoder.channels[s], len(self.tasks), attention_heads,
                                                       min_head_dim, reduction, max_tokens, gate_init)
                            for s in sorted(set(cross_stages))})
+        if not cross_stages:  # none to build, its arguments checked all the same (on "meta": no weights drawn)
+            with torch.device("meta"):
+                CrossTaskAttention(1, len(self.tasks), attention_heads, min_head_dim, reduction, max_tokens, gate_init)
 
 class STL(MultiTaskNet):
     """Single-task learning baseline (from the paper's comparison): one full encoder per task, nothing shared;
@@ -372,14 +375,12 @@ def norm(dims, channels, kind="batch"):
     return {"batch": lambda: (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels),
             "group": lambda: nn.GroupNorm(math.gcd(32, channels), channels),
             "instance": lambda: (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)}[kind]()
-
 def conv_norm(dims, cin, cout, k=3, stride=1, norm_kind="batch", act=True, dilation=1):
     """conv -> norm (-> ReLU), as a list of layers to splice into an ``nn.Sequential``."""
     return [conv(dims, cin, cout, k, stride, dilation), norm(dims, cout, norm_kind)] + [nn.ReLU(inplace=True)] * act
 def avg_pool(x, factor):
     """Average-pool each spatial axis by its ``factor`` (ceil mode), 2D or 3D."""
-    pool = F.avg_pool2d if x.dim() == 4 else F.avg_pool3d
-    return x if max(factor) == 1 else pool(x, factor, factor, ceil_mode=True)
+    return x if max(factor) == 1 else (F.avg_pool2d if x.dim() == 4 else F.avg_pool3d)(x, factor, ceil_mode=True)
 def upsample(y, factor, size):
     """avg_pool's map back to ``size``: y (B, C, *S') upsampled by ``factor`` per axis (nearest: each block gets its
     token's value), the edge blocks cut to ``size``."""
@@ -500,8 +501,7 @@ class GuidanceNetwork(nn.Module):
         return [g(f) for g, f in zip(self.maps, feats)]
 
 class Frozen(nn.Module):
-    """Base of the guided models (ours): the children named in ``frozen`` get no gradients and stay in eval mode
-    (BN statistics, dropout) even while the model trains, so the stages they come from stay as trained."""
+    """Base of the guided models (ours): the children named in ``frozen`` get no gradients and stay in eval mode."""
     frozen = ()
     def train(self, mode=True):
         super().train(mode)

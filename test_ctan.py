@@ -191,8 +191,9 @@ def test_ctan_cross_task_attention_carries_information_between_tasks(transition)
 def test_ctan_without_cross_attention_is_mtan(transition):
     x = tiny_input(2)
     a = tiny_model("mtan", TWO, transition=transition).eval()
-    b = tiny_model("ctan", TWO, cross_stages=(), transition=transition).eval()
-    b.load_state_dict(a.state_dict())
+    rng = torch.get_rng_state()
+    b = tiny_model("ctan", TWO, cross_stages=(), transition=transition).eval()  # the same seed: the same weights
+    assert torch.equal(torch.get_rng_state(), rng)  # and the same draws after them (data order, dropout)
     for name, y in a(x).items():
         torch.testing.assert_close(b(x)[name], y)
 
@@ -319,6 +320,7 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("ctan", TWO, 1, gate_init=float("nan"), **TINY), "gate_init must be a finite number"),
     (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=(0,), **TINY), "cross_stages must be stage numbers"),
     (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=4, **TINY), "cross_stages must be stage numbers"),
+    (lambda: ctan.build_model("ctan", TWO, 1, cross_stages=(), attention_heads="4", **TINY), "attention_heads must"),
     (lambda: ctan.build_model("hps", TWO, 1, width=0), "width must be an integer >= 1"),
     (lambda: ctan.build_model("hps", TWO, 1, depth=(2, 0)), "depth must be blocks per stage"),
     (lambda: ctan.build_model("hps", TWO, 1, classifier_levels=(9,), **TINY), "classifier_levels must be indices"),
