@@ -81,8 +81,9 @@ class CrossTaskAttention(nn.Module):
         b, c, *spatial = a[0].shape
         n, h, d = len(a), self.attention_heads, self.inner
         factor = self.pool_factor(spatial)  # per axis
-        pooled = [avg_pool(a_t, factor) for a_t in a]  # T maps (B, C, *S'), S' = S / factor: N tokens per case
-        z = torch.cat([p.flatten(2).transpose(1, 2) for p in pooled]).view(n, -1, c)  # (T, B*N, C): the tokens
+        pooled = [avg_pool(a_t.flatten(0, 1)[:, None], factor) for a_t in a]  # T maps (B*C, 1, *S'), S' = S/factor
+        # as B*C one-channel maps: the same values, and no copies of a_t in a CPU backward (z's grad is channels last)
+        z = torch.cat([p.view(b, c, -1).transpose(1, 2) for p in pooled]).view(n, -1, c)  # (T, B*N, C): N tokens a case
         z = F.layer_norm(z, (c,))  # LN over C of each token
         q = torch.baddbmm(self.b_q, z, self.w_q).view(n * b, -1, h, d // h).transpose(1, 2)  # (T*B, h, N, D/h)
         kv = torch.bmm(z, self.w_kv).view(n, b, -1, 2, h, d // h)  # (T, B, N, 2, h, D/h)
@@ -90,7 +91,7 @@ class CrossTaskAttention(nn.Module):
         k, v = kv.permute(4, 0, 2, 5, 1, 3, 6).reshape(2, n * b, h, -1, d // h)  # (T*B, h, (T-1)*N, D/h) each
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, d)  # (T, B*N, D)
         u = torch.baddbmm(self.b_o * self.gate, o, self.w_o * self.gate)  # (T, B*N, C): gamma_t (W_o^t MHA + b_o^t)
-        u = u.view(n, b, *pooled[0].shape[2:], c).movedim(-1, 2).contiguous()  # (T, B, C, *S')
+        u = u.view(n, b, *pooled[0].shape[2:], c).movedim(-1, 2)  # (T, B, C, *S'): channels last, as CPU upsample likes
         return [a_t + upsample(u_t, factor, spatial) for a_t, u_t in zip(a, u)]  # T maps (B, C, *S)
 
 def uniform(shape, fan_in):
@@ -238,12 +239,11 @@ class CTAN(MTAN):
         cross_stages = range(1, n + 1) if cross_stages is None else cross_stages
         check_arg("cross_stages", cross_stages, lambda v: is_ints(v) and all(s <= n for s in v),
                   f"stage numbers within 1..{n}, e.g. ({n},) for the deepest alone")
-        self.cross.update({str(s): CrossTaskAttention(self.encoder.channels[s], len(self.tasks), attention_heads,
-                                                      min_head_dim, reduction, max_tokens, gate_init)
-                           for s in sorted(set(cross_stages))})
-        if not cross_stages:  # none to build, its arguments checked all the same (on "meta": no weights drawn)
-            with torch.device("meta"):
-                CrossTaskAttention(1, len(self.tasks), attention_heads, min_head_dim, reduction, max_tokens, gate_init)
+        attention = (len(self.tasks), attention_heads, min_head_dim, reduction, max_tokens, gate_init)
+        for s in sorted(set(cross_stages)):
+            self.cross[str(s)] = CrossTaskAttention(self.encoder.channels[s], *attention)
+        with torch.device("meta"):  # its arguments checked, also where no stage has it (on "meta": no weights drawn)
+            CrossTaskAttention(1, *attention)
 
 class STL(MultiTaskNet):
     """Single-task learning baseline (from the paper's comparison): one full encoder per task, nothing shared;

@@ -437,6 +437,19 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_cross_attention_copies_no_full_map_on_cpu():
+    """Pooling and upsampling touch each task's full map once each way: no copy of it in the forward or backward pass
+    (on a CPU, avg_pool's backward copied the map twice when the tokens' gradient came channels last, upsample's
+    forward when its input did not)."""
+    attention = ctan.CrossTaskAttention(64, 2, max_tokens=64)  # 16 x 16 -> 8 x 8 tokens
+    a = [torch.randn(2, 64, 16, 16, requires_grad=True) for _ in range(2)]
+    with torch.profiler.profile(record_shapes=True) as prof:
+        torch.autograd.backward(attention(a), [torch.ones_like(a_t) for a_t in a])
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone") and
+              [2, 64, 16, 16] in e.input_shapes]
+    assert not copies, copies
+
+
 def test_ctan_dispatches_at_most_1_2_times_the_ops_of_mtan_per_training_step():
     """Ops dispatched by a training step as train.py takes it on a CPU (forward, loss, backward, AdamW): the
     cross-task attention runs every task at once, so it adds a fixed number of ops per stage, not one set per task."""
