@@ -9,14 +9,14 @@ CTAN's data flow, in the notation used throughout (tasks t = 1..T, encoder stage
         queries q_t come from its own a_t^s and its keys and values k_t, v_t from every other task's a_r^s
     task heads: task t reads [stem, a_t^1 .. a_t^n]: a U-Net decoder (pixel-level) or pooling + MLP (image-level)
 
-Provenance: we have the paper's abstract and its authors' follow-up (arXiv 2411.18767), not its full text. From
-the paper: a shared encoder, cross-task attention (a task's queries, the other tasks' keys and values), a decoder
-per pixel-level task, the baselines STL, HPS, MTAN. Ours (inferred, each an argument): the task features are MTAN's
-masks and transitions (so CTAN vs MTAN isolates the exchange), pooling, heads, widths. Each class says whose is what.
+Provenance: we have the paper's abstract and its authors' follow-up (arXiv 2411.18767), not its full text. From the
+abstract: cross-task attention, the baselines STL, HPS, MTAN; from the follow-up: a shared ResNet-50 encoder, a
+decoder per task. Ours (inferred; each class says whose is what): a task's queries, the other tasks' keys and values
+(cross-attention as usually read); MTAN's masks and transitions as the task features; pooling, heads, widths.
 
 Map of the file: CrossTaskAttention, TaskAttention (CTAN's exchange, MTAN's masks); MultiTaskNet, MTAN, CTAN, STL,
-HPS (the networks); ResNetEncoder (the encoder protocol), its blocks, PixelDecoder, ImageClassifier, layers; MFEUNet,
-ResFormerEncoder, GuidanceNetwork, GuidanceObjective, GuidedModel (related systems); Weighting, build_model.
+HPS (the networks); residual blocks, ResNetEncoder (the encoder protocol), PixelDecoder, ImageClassifier, layers;
+MFEUNet, ResFormerEncoder, GuidanceNetwork, GuidanceObjective, GuidedModel (related systems); Weighting, build_model.
 
 Usage (outputs are raw: logits for segmentation and classification, unscaled values for regression):
     tasks = {"dose": ("pixel", 1), "diagnosis": ("image", 3)}   # {name: (kind, n_out)}, kind "pixel" or "image"
@@ -41,18 +41,18 @@ NORMS = ("batch", "group", "instance")
 
 # The attention: CTAN's cross-task attention, and MTAN's task masks it builds on -------------------------------------
 class CrossTaskAttention(nn.Module):
-    """Cross-task attention at one stage (the paper's idea: each task queries the other tasks' features). For every
-    task t, with a_t (B, C, *S) its features and P an average pooling into N tokens:
+    """Cross-task attention at one stage (the paper's idea: attention across the tasks; as we read it, each task
+    queries the other tasks' features). For every task t, with a_t (B, C, *S) its features, P a pooling to N tokens:
         q_t = W_q^t LN(P a_t) + b_q^t                    queries: task t's own tokens (B, N, D)
         k_t, v_t = W_kv^r LN(P a_r), for every r != t    keys and values: the other tasks' tokens, concatenated into
                                                          one sequence (B, (T-1) N, D): one softmax over all of them
         a_t <- a_t + gamma_t up(W_o^t MHA(q_t, k_t, v_t) + b_o^t)   multi-head attention, a gated residual update
-    From the paper: queries from a task, keys and values from the others. Ours (arguments): D = channels // reduction
-    (rounded down to a multiple of the heads) in ``attention_heads`` heads, fewer where a head would get under
-    ``min_head_dim`` values (4 heads of 4 take 5x the time of 1 of 16 on a CPU); P pools each axis by a power of 2
-    (capped at its size) to at most ``max_tokens`` tokens (None: no pooling), bounding the cost in 3D; up() gives
-    each pooled block its token's update; gamma_t starts at ``gate_init``; LN has no affine and W_kv no bias (W
-    absorbs the affine; softmax ignores a key bias, a value bias only shifts b_o); all T tasks run at once, stacked."""
+    Ours (inferred; the abstract names only the idea): the queries, keys and values above, the one softmax, and as
+    arguments: D = channels // reduction (rounded down to a multiple of the heads) in ``attention_heads`` heads, fewer
+    where a head would get under ``min_head_dim`` values (4 heads of 4 take 5x the time of 1 of 16 on a CPU); P averages
+    each axis by a power of 2 (capped at its size) to at most ``max_tokens`` tokens (None: no pooling), bounding the
+    cost in 3D; up() gives each pooled block its token's update; gamma_t starts at ``gate_init``; LN has no affine and
+    W_kv no bias (W absorbs the affine; softmax ignores a key bias, a value bias only shifts b_o); all tasks at once."""
     def __init__(self, channels, n_tasks, attention_heads=4, min_head_dim=16, reduction=4, max_tokens=512,
                  gate_init=0.1):
         super().__init__()
@@ -136,9 +136,9 @@ class MultiTaskNet(nn.Module):
         check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
         check_arg("classifier_hidden", classifier_hidden, is_int, "an integer >= 1")
         if self.per_task_encoders:
-            if isinstance(encoder, nn.Module):
-                raise ValueError("encoder: stl builds one per task: pass a function returning a new one, not one")
             self.encoders = nn.ModuleDict({name: self.make_encoder(encoder) for name in self.tasks})
+            if len(set(map(id, self.encoders.values()))) < len(self.tasks):  # a module, or a function returning one
+                raise ValueError("encoder: stl builds one per task: pass a function returning a new one each call")
         else:
             self.encoder = self.make_encoder(encoder)
         self.channels = channels = list((self.encoders[next(iter(self.tasks))] if self.per_task_encoders else
@@ -167,9 +167,9 @@ class MultiTaskNet(nn.Module):
         return encoder
 
     def check(self, x):
-        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input of shape (B, {self.in_channels}, {', '.join('S' * self.dims)}) "
-                             f"for this {self.dims}D model, got {tuple(x.shape)}")
+        if not x.is_floating_point() or x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected a float tensor (B, {self.in_channels}, {', '.join('DHW'[-self.dims:])}) for "
+                             f"this {self.dims}D model, got {x.dtype} {tuple(x.shape)}")
         if any(s % 2 ** len(self.channels) for s in x.shape[2:]):  # each of the encoder's maps halves the size
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {2 ** len(self.channels)} "
                              f"(the encoder halves it {len(self.channels)} times): crop or pad the input")
@@ -215,6 +215,7 @@ class MTAN(MultiTaskNet):
         for s, stage in enumerate(enc.stages, 1):
             p_b = run(enc, stage[:-1], p)  # p_b^s: before the stage's last block
             p = run(enc, stage[-1], p_b)  # p^s: the stage's shared output
+            check_arg(f"encoder.channels[{s}]", self.channels[s], lambda c: c == p.shape[1], f"stage {s}: {p.shape[1]}")
             if s > 1:  # g^s(a_t^(s-1)): to stage s's channels, then (official MTAN) max-pooled to its size
                 g = self.transitions[str(s)]
                 a = [run(enc, g[t] if isinstance(g, nn.ModuleDict) else g, a_t) for t, a_t in zip(names, a)]
@@ -227,10 +228,10 @@ class MTAN(MultiTaskNet):
         return {t: [stem, *a] for t, a in zip(names, zip(*levels))}
 
 class CTAN(MTAN):
-    """Cross-Task Attention Network (from the paper: cross-task attention between the tasks' features in a shared
-    encoder, a head per task). Ours, inferred: its task features are MTAN's (masks, transitions), so CTAN is MTAN plus
-    a CrossTaskAttention after each stage in ``cross_stages`` (ours: None, all; () is MTAN). The exchanged a_t^s
-    flow into the next mask, the skips and the heads. The other arguments: see CrossTaskAttention."""
+    """Cross-Task Attention Network (from the paper and its follow-up: cross-task attention between the tasks' features
+    in a shared encoder, a head per task). Ours, inferred: its task features are MTAN's (masks, transitions), so CTAN is
+    MTAN plus a CrossTaskAttention after each stage in ``cross_stages`` (ours: None, all; () is MTAN). The exchanged
+    a_t^s flow into the next mask, the skips and the heads. The other arguments: see CrossTaskAttention."""
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, transition="block",
                  cross_stages=None, attention_heads=4, min_head_dim=16, reduction=4, max_tokens=512, gate_init=0.1,
                  **options):
@@ -520,6 +521,7 @@ class GuidanceObjective(Frozen):
         self.train()
 
     def forward(self, x):  # {"guidance": (B,) MSE}
+        self.superior.check(x)
         with torch.no_grad():
             f_inf = self.inferior.features(x[:, :self.inferior.in_channels])
             f_sup = self.superior.features(x)
@@ -530,9 +532,9 @@ class GuidedModel(Frozen):
     """The guided model, stage (c) or (d) of the guidance method: the frozen inferior model reads the CT alone and
     the frozen G predicts the superior model's features from it. With the superior model's ``heads`` (c) they decode
     G(f); without (d) new heads, the only trained part, decode [f ; G(f)]."""
-    frozen = ("inferior", "guidance")
     def __init__(self, inferior, guidance, heads=None):
         super().__init__()
+        self.frozen = ("inferior", "guidance") + ("heads",) * (heads is not None)  # (c): nothing to train
         check_arg("inferior", inferior, lambda v: isinstance(v, STL), "an STL model (its encoders, one per task)")
         self.inferior, self.guidance, self.combine = inferior, guidance, heads is None
         self.in_channels, self.dims, self.tasks = inferior.in_channels, inferior.dims, inferior.tasks
@@ -549,8 +551,7 @@ class GuidedModel(Frozen):
 
 # Task weighting -------------------------------------------------------------------------------------------------------
 class Weighting(nn.Module):
-    """Task weighting: combines the task losses {task: scalar} into one loss, with the scheme of the paper named;
-    tasks: {name: (kind, n_out)}, as the network's.
+    """Task weighting: the task losses {task: scalar} -> one loss, by the named paper's scheme; tasks as the network's.
     equal: the plain sum (ours: the CTAN paper's weighting is not known to us).
     dwa: Dynamic Weight Average (MTAN): w_k = T softmax_k(r_k / temperature), r_k = L_k(e-1) / L_k(e-2), the mean
          training losses of the last two epochs (w = 1 before): call ``end_epoch`` with each epoch's (in the state).
@@ -561,7 +562,8 @@ class Weighting(nn.Module):
     def __init__(self, method, tasks, temperature=2.0):
         super().__init__()
         check_arg("method", method, lambda v: v in self.METHODS, f"one of {self.METHODS}")
-        check_arg("tasks", tasks, lambda v: v and all(len(spec) == 2 for spec in v.values()), "{name: (kind, n_out)}")
+        check_arg("tasks", tasks, lambda v: v and all(len(s) == 2 and (method != "mfe" or s[0] in TASK_KINDS) for s in
+                  v.values()), f"{{name: (kind, n_out)}}, mfe: {TASK_KINDS}")
         check_arg("temperature", temperature, lambda v: is_real(v) and v > 0, "a positive number")
         self.method, self.tasks, self.temperature = method, list(tasks), temperature
         self.image_tasks = {name for name, (kind, _) in tasks.items() if kind == "image"}
@@ -582,8 +584,7 @@ class Weighting(nn.Module):
             raise ValueError(f"losses: expected one for each of {self.tasks}, got {sorted(losses)}")
         if self.method == "uncertainty":
             return sum(0.5 * torch.exp(-s) * losses[t] + 0.5 * s for t, s in zip(self.tasks, self.log_vars))
-        w = self.weights()
-        return sum(w[t] * losses[t] for t in self.tasks)
+        return sum(w * losses[t] for t, w in self.weights().items())
 
     def end_epoch(self, mean_losses):
         self.history.append([float(mean_losses[t]) for t in self.tasks])
@@ -615,8 +616,8 @@ def check_tasks(tasks):
     spec = f"(kind, n_out) with kind in {TASK_KINDS} and n_out >= 1 (an integer)"
     check_arg("tasks", tasks, lambda v: isinstance(v, dict) and v, f"{{name: {spec}}}, e.g. {{'dose': ('pixel', 1)}}")
     for name, value in tasks.items():
-        check_arg("task names", name, lambda v: v and "." not in v and not hasattr(nn.ModuleDict, v),
-                  "strings without '.' that are not attributes of nn.ModuleDict (such as 'type', 'keys')")
+        check_arg("task names", name, lambda v: v and "." not in v and not hasattr(nn.ModuleDict(), v),
+                  "strings without '.' that are not attributes of nn.ModuleDict (such as 'type', 'keys', 'training')")
         check_arg(f"tasks[{name!r}]", value,
                   lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and v[0] in TASK_KINDS and is_int(v[1]), spec)
     return {name: (kind, int(n)) for name, (kind, n) in tasks.items()}
@@ -635,16 +636,15 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     if encoder is not None and (width, default_depth, block, checkpointing) != (64, True, "bottleneck", False):
         raise ValueError("width, depth, block, checkpointing: set them on your encoder=, build_model's are for its own")
     enc = dict(width=width, depth=depth, norm_kind=norm_kind, checkpointing=checkpointing)
-    if arch == "mfe":  # its encoder's options
+    if arch == "mfe" and encoder is None:  # its encoder's options (with your encoder=, they are refused)
         enc.update({k: options.pop(k) for k in ("attention_heads", "window") if k in options})
-    if encoder is None:
-        encoder = ((lambda: ResFormerEncoder(dims, in_channels, **enc)) if arch == "mfe" else
-                   (lambda: ResNetEncoder(dims, in_channels, block=block, **enc)))
+    default = ((lambda: ResFormerEncoder(dims, in_channels, **enc)) if arch == "mfe" else
+               (lambda: ResNetEncoder(dims, in_channels, block=block, **enc)))
     try:
-        return NETWORKS[arch](tasks, in_channels, dims, norm_kind=norm_kind, encoder=encoder, **options)
+        return NETWORKS[arch](tasks, in_channels, dims, norm_kind=norm_kind, encoder=encoder or default, **options)
     except UnknownOption as e:  # build_model's own options are valid too
         raise UnknownOption(f"build_model: {e}, and width, depth, block, checkpointing" +
-                            ", attention_heads, window" * (arch == "mfe")) from None
+                            ", attention_heads, window" * (arch == "mfe" and encoder is None)) from None
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())

@@ -328,7 +328,9 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("hps", {"a": {"kind": "pixel", "n_out": 1}}, 1), r"tasks\['a'\] must be \(kind, n_out\)"),
     (lambda: ctan.build_model("hps", {"type": ("image", 2)}, 1), r"task names must be .* \(such as 'type'"),
     (lambda: ctan.Weighting("equal", {"a": "pixel"}), r"tasks must be \{name: \(kind, n_out\)\}"),
-    (lambda: ctan.Weighting("equal", ["a", "b"]), r"tasks must be \{name: \(kind, n_out\)\}"),
+    (lambda: ctan.Weighting("equal", ["a", "b"]), r"tasks must be \{name: \(kind, n_out\)"),
+    (lambda: ctan.Weighting("mfe", {"seg": ("segmentation", 2)}), r"\}, mfe: \('pixel', 'image'\)"),
+    (lambda: ctan.build_model("hps", {"training": ("image", 2)}, 1), r"task names must be .* 'training'"),
     (lambda: ctan.build_model("hps", TWO, 1, depth=2, encoder=OwnEncoder()), "width, depth, block, checkpointing"),
     (lambda: ctan.ResNetEncoder(5, 1), "dims must be 2 or 3"),
     (lambda: ctan.build_model("hps", TWO, 1, width=8, encoder=OwnEncoder()), "width, depth, block, checkpointing"),
@@ -344,7 +346,9 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.Weighting("uncertainity", TWO), "method must be one of .*'uncertainty'"),
     (lambda: ctan.GuidanceNetwork(2, [4], dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 40, 40)), "multiple of 32"),
-    (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 3, 32, 32)), "expected input of shape"),
+    (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 3, 32, 32)), r"a float tensor \(B, 1, H, W\)"),
+    (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, dtype=torch.uint8)), "got torch.uint8"),
+    (lambda: tiny_model("stl", TWO, dims=3, in_channels=1)(torch.zeros(1, 1, 32, 32)), r"\(B, 1, D, H, W\) for th"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, 32)), "2D model"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_allowed_values(call, message):
@@ -416,6 +420,16 @@ def test_own_encoder_by_protocol_module_or_factory():
         ctan.MTAN(TWO, 1, encoder=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="stl builds one per task"):
         ctan.STL(TWO, 1, encoder=OwnEncoder())
+    with pytest.raises(TypeError, match="unknown option 'window'.* checkpointing$"):  # on your encoder=, not here
+        ctan.build_model("mfe", TWO, 1, encoder=OwnEncoder(), window=4)
+    with pytest.raises(TypeError, match="unknown option 'windows'.* checkpointing, attention_heads, window$"):
+        ctan.build_model("mfe", TWO, 1, windows=4)
+    shared = OwnEncoder()
+    with pytest.raises(ValueError, match="stl builds one per task"):  # a factory returning one module: HPS in disguise
+        ctan.STL(TWO, 1, encoder=lambda: shared)
+    for arch in ("mtan", "ctan"):  # a wrong .channels: named before a mask's convolution fails on it
+        with pytest.raises(ValueError, match=r"encoder.channels\[2\] must be stage 2: 16, got 32"):
+            ctan.build_model(arch, TWO, 1, encoder=OwnEncoder(channels=(8, 8, 32)))(x)
 
 
 def test_heads_follow_the_model_dtype():
@@ -2012,6 +2026,11 @@ def test_guided_model_shapes(dims):
         c = ctan.GuidedModel(inferior, g, superior.heads).eval()(x)["dose"]
         d = ctan.GuidedModel(inferior, g).eval()(x)["dose"]
     assert c.shape == d.shape == (2, 1, *[size] * dims)
+    heads = build(cin_sup).heads  # (c) has nothing to train, also with heads that came in trainable
+    assert not any(p.requires_grad for p in ctan.GuidedModel(inferior, g, heads).train().parameters())
+    assert not heads.training
+    with pytest.raises(ValueError, match="expected a float tensor"):  # stage (b) reads [CT ; masks], checked
+        ctan.GuidanceObjective(inferior, superior, g)(x)
 
 
 class _NoMasks(torch.utils.data.Dataset):
@@ -2055,7 +2074,7 @@ def test_guided_models_never_read_the_masks(done, kbp):
             assert np.array_equal(ref, got), (entry, how)
         metrics, _ = train.evaluate(run, _NoMasks(test_ds, "drop"))  # the same test metrics as in results.json
         assert json.dumps(metrics) == json.dumps(results["guidance"][entry])
-        with pytest.raises(ValueError, match=r"\(B, 1, S, S\)"):  # CT + masks is refused: CT only
+        with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):  # CT + masks is refused: CT only
             model(torch.zeros(1, 1 + len(data.OPENKBP_ROIS), 32, 32))
 
 
