@@ -638,10 +638,10 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     enc = dict(width=width, depth=depth, norm_kind=norm_kind, checkpointing=checkpointing)
     if arch == "mfe" and encoder is None:  # its encoder's options (with your encoder=, they are refused)
         enc.update({k: options.pop(k) for k in ("attention_heads", "window") if k in options})
-    default = ((lambda: ResFormerEncoder(dims, in_channels, **enc)) if arch == "mfe" else
-               (lambda: ResNetEncoder(dims, in_channels, block=block, **enc)))
+    ours = ((lambda: ResFormerEncoder(dims, in_channels, **enc)) if arch == "mfe" else
+            (lambda: ResNetEncoder(dims, in_channels, block=block, **enc)))
     try:
-        return NETWORKS[arch](tasks, in_channels, dims, norm_kind=norm_kind, encoder=encoder or default, **options)
+        return NETWORKS[arch](tasks, in_channels, dims, norm_kind, ours if encoder is None else encoder, **options)
     except UnknownOption as e:  # build_model's own options are valid too
         raise UnknownOption(f"build_model: {e}, and width, depth, block, checkpointing" +
                             ", attention_heads, window" * (arch == "mfe" and encoder is None)) from None
