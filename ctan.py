@@ -167,9 +167,8 @@ class MultiTaskNet(nn.Module):
         return encoder
 
     def check(self, x):
-        if not x.is_floating_point() or x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected a float tensor (B, {self.in_channels}, {', '.join('DHW'[-self.dims:])}) for "
-                             f"this {self.dims}D model, got {x.dtype} {tuple(x.shape)}")
+        check_arg("x", x, lambda v: v.is_floating_point() and v.ndim == self.dims + 2 and v.size(1) == self.in_channels,
+                  f"a float tensor (B, {self.in_channels}, {', '.join('DHW'[-self.dims:])}) for a {self.dims}D model")
         if any(s % 2 ** len(self.channels) for s in x.shape[2:]):  # each of the encoder's maps halves the size
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {2 ** len(self.channels)} "
                              f"(the encoder halves it {len(self.channels)} times): crop or pad the input")
@@ -219,8 +218,7 @@ class MTAN(MultiTaskNet):
             if s > 1:  # g^s(a_t^(s-1)): to stage s's channels, then (official MTAN) max-pooled to its size
                 g = self.transitions[str(s)]
                 a = [run(enc, g[t] if isinstance(g, nn.ModuleDict) else g, a_t) for t, a_t in zip(names, a)]
-                max_pool = F.max_pool2d if p.dim() == 4 else F.max_pool3d
-                a = [y if y.shape == p.shape else max_pool(y, 2) for y in a]
+                a = [y if y.shape == p.shape else (F.max_pool2d if y.dim() == 4 else F.max_pool3d)(y, 2) for y in a]
             a = [self.masks[str(s)][t](p_b, p, a_t) for t, a_t in zip(names, a)]  # a_t^s = m_t^s * p^s
             if str(s) in self.cross:
                 a = self.cross[str(s)](a)  # CTAN: the tasks exchange their features
@@ -299,10 +297,12 @@ class ResNetEncoder(nn.Module):
                  checkpointing=False):
         super().__init__()
         check_arg("dims", dims, lambda v: v in (2, 3), "2 or 3")
-        check_arg("width", width, is_int, "an integer >= 1")
+        for name in ("in_channels", "width"):
+            check_arg(name, locals()[name], is_int, "an integer >= 1")
         check_arg("depth", depth, lambda v: len(v) > 0 and is_ints(v), "blocks per stage: (3, 4, 6, 3)")
         check_arg("block", block, lambda v: v in ("bottleneck", "basic"), "'bottleneck' or 'basic'")
         check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
+        check_arg("checkpointing", checkpointing, lambda v: v in (True, False), "True or False")
         self.block = {"bottleneck": Bottleneck, "basic": BasicBlock}[block]
         self.checkpointing = checkpointing
         self.branches = None  # ResFormer: a module beside each stage, outputs summed
@@ -417,8 +417,7 @@ class WindowTransformer(nn.Module):
     (the official code has two Swin blocks), and a strided 1x1 projection in place of patch merging."""
     def __init__(self, dims, cin, cout, stride, heads=4, window=8, mlp_ratio=2):
         super().__init__()
-        self.attention_heads = heads
-        self.window = window
+        self.attention_heads, self.window = heads, window
         self.proj = conv(dims, cin, cout, 1, stride, bias=True)
         self.norm1, self.norm2 = nn.LayerNorm(cout), nn.LayerNorm(cout)
         self.qkv, self.out = nn.Linear(cout, 3 * cout), nn.Linear(cout, cout)
@@ -458,8 +457,7 @@ class DilatedFeatureEnhancement(nn.Module):
         self.branches = nn.ModuleList(nn.Sequential(*conv_norm(dims, channels, mid, 1 if d == 1 else 3, 1, norm_kind,
                                                                dilation=d)) for d in (1, *dilations))
         self.fuse = nn.Sequential(*conv_norm(dims, mid * len(self.branches), channels, 1, 1, norm_kind, act=False))
-        self.shortcut = conv(dims, channels, channels, 1)
-        self.spatial = conv(dims, 2, 1, 7, bias=True)
+        self.shortcut, self.spatial = conv(dims, channels, channels, 1), conv(dims, 2, 1, 7, bias=True)
 
     def forward(self, x):
         y = F.relu(self.fuse(torch.cat([b(x) for b in self.branches], 1)) + self.shortcut(x))
@@ -580,13 +578,13 @@ class Weighting(nn.Module):
         return {t: 0.25 if self.method == "mfe" and t in self.image_tasks else 1.0 for t in self.tasks}
 
     def forward(self, losses):
-        if set(losses) != set(self.tasks):
-            raise ValueError(f"losses: expected one for each of {self.tasks}, got {sorted(losses)}")
+        check_arg("losses", sorted(losses), lambda v: v == sorted(self.tasks), f"one per task: {self.tasks}")
         if self.method == "uncertainty":
             return sum(0.5 * torch.exp(-s) * losses[t] + 0.5 * s for t, s in zip(self.tasks, self.log_vars))
         return sum(w * losses[t] for t, w in self.weights().items())
 
     def end_epoch(self, mean_losses):
+        check_arg("mean_losses", sorted(mean_losses), lambda v: v == sorted(self.tasks), f"one per task: {self.tasks}")
         self.history.append([float(mean_losses[t]) for t in self.tasks])
 
     def get_extra_state(self):
@@ -609,7 +607,9 @@ def check_arg(name, value, ok, valid):
             return value
     except (TypeError, AttributeError):  # e.g. len() of a number, .values() of a list
         pass
-    raise ValueError(f"{name} must be {valid}, got {value!r}")
+    got = (f"{type(value).__name__} {value.dtype} {tuple(value.shape)}" if hasattr(value, "dtype") else
+           type(value).__name__ if isinstance(value, nn.Module) else repr(value))  # one line: no values, no tree
+    raise ValueError(f"{name} must be {valid}, got {got}")
 
 def check_tasks(tasks):
     """{name: (kind, n_out)}: names are strings, kind is "pixel" or "image", n_out an integer >= 1."""

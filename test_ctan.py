@@ -334,7 +334,11 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.build_model("hps", TWO, 1, depth=2, encoder=OwnEncoder()), "width, depth, block, checkpointing"),
     (lambda: ctan.ResNetEncoder(5, 1), "dims must be 2 or 3"),
     (lambda: ctan.build_model("hps", TWO, 1, width=8, encoder=OwnEncoder()), "width, depth, block, checkpointing"),
-    (lambda: ctan.GuidedModel(tiny_model("hps", TWO, in_channels=1), None), "inferior must be an STL model"),
+    (lambda: ctan.GuidedModel(tiny_model("hps", TWO, in_channels=1), None), "inferior must be an STL model.*got HPS$"),
+    (lambda: ctan.ResNetEncoder(2, "1"), "in_channels must be an integer >= 1"),
+    (lambda: ctan.ResNetEncoder(2, 1, checkpointing="no"), "checkpointing must be True or False"),
+    (lambda: ctan.Weighting("dwa", TWO).end_epoch({"dose": 1.0}), r"mean_losses must be one per task: \['dose'"),
+    (lambda: ctan.Weighting("equal", TWO)({"dose": 1.0}), r"losses must be one per task: .*, got \['dose'\]$"),
     (lambda: ctan.build_model("hps", {"a": ("pixel", "3")}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("hps", {"a": ("pixel", 2.5)}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("hps", TWO, 0), "in_channels must be an integer >= 1"),
@@ -347,8 +351,9 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     (lambda: ctan.GuidanceNetwork(2, [4], dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 40, 40)), "multiple of 32"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 3, 32, 32)), r"a float tensor \(B, 1, H, W\)"),
-    (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, dtype=torch.uint8)), "got torch.uint8"),
-    (lambda: tiny_model("stl", TWO, dims=3, in_channels=1)(torch.zeros(1, 1, 32, 32)), r"\(B, 1, D, H, W\) for th"),
+    (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, dtype=torch.uint8)), "Tensor torch.uint8"),
+    (lambda: tiny_model("hps", TWO, in_channels=1)(np.zeros((1, 1, 32, 32))), r"got ndarray float64 \(1, 1, 32, 32\)$"),
+    (lambda: tiny_model("stl", TWO, dims=3, in_channels=1)(torch.zeros(1, 1, 32, 32)), r"\(B, 1, D, H, W\) for a 3D"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, 32)), "2D model"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_allowed_values(call, message):
@@ -2029,7 +2034,7 @@ def test_guided_model_shapes(dims):
     heads = build(cin_sup).heads  # (c) has nothing to train, also with heads that came in trainable
     assert not any(p.requires_grad for p in ctan.GuidedModel(inferior, g, heads).train().parameters())
     assert not heads.training
-    with pytest.raises(ValueError, match="expected a float tensor"):  # stage (b) reads [CT ; masks], checked
+    with pytest.raises(ValueError, match="x must be a float tensor"):  # stage (b) reads [CT ; masks], checked
         ctan.GuidanceObjective(inferior, superior, g)(x)
 
 
