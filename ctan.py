@@ -193,10 +193,10 @@ class MTAN(MultiTaskNet):
         self.needs = self.needs + (("block",) if transition == "block" else ())
         super().__init__(tasks, in_channels, dims, norm_kind, encoder, **options)
         enc, names = self.encoder, list(self.tasks)
-        if len(enc.channels) != len(enc.stages) + 1 or any(not isinstance(st, nn.Sequential) or len(st) < 2
-                                                           for st in enc.stages):  # the masks read the next-to-last
+        blocks = [len(st) if isinstance(st, nn.Sequential) else 0 for st in enc.stages]  # 0: not an nn.Sequential
+        if len(enc.channels) != len(blocks) + 1 or min(blocks, default=0) < 2:  # the masks read the next-to-last
             raise ValueError(f"depth (or encoder): mtan/ctan need stages of >= 2 blocks (nn.Sequential), channels for "
-                             f"[stem, stage 1 .. n], got {[len(st) for st in enc.stages]}, {enc.channels}")
+                             f"[stem, stage 1 .. n], got {blocks} blocks (0: not an nn.Sequential), {enc.channels}")
         ch = enc.channels[1:]
         self.masks = nn.ModuleDict({str(s): nn.ModuleDict({t: TaskAttention(dims, c * (1 if s == 1 else 2), c,
                                                                             norm_kind) for t in names})
@@ -214,7 +214,9 @@ class MTAN(MultiTaskNet):
         for s, stage in enumerate(enc.stages, 1):
             p_b = run(enc, stage[:-1], p)  # p_b^s: before the stage's last block
             p = run(enc, stage[-1], p_b)  # p^s: the stage's shared output
-            check_arg(f"encoder.channels[{s}]", self.channels[s], lambda c: c == p.shape[1], f"stage {s}: {p.shape[1]}")
+            if p_b.shape != p.shape or p.shape[1] != self.channels[s]:  # the masks read p_b^s and multiply p^s
+                raise ValueError(f"encoder: mtan/ctan need stage {s}'s last block to keep its input's (C, *S), C = "
+                                 f"channels[{s}] = {self.channels[s]}, got {[*p_b.shape[1:]]} -> {[*p.shape[1:]]}")
             if s > 1:  # g^s(a_t^(s-1)): to stage s's channels, then (official MTAN) max-pooled to its size
                 g = self.transitions[str(s)]
                 a = [run(enc, g[t] if isinstance(g, nn.ModuleDict) else g, a_t) for t, a_t in zip(names, a)]
@@ -289,10 +291,10 @@ class ResNetEncoder(nn.Module):
     depth[s-1] blocks and width * 2**(s-1) * expansion channels; returns [stem, stage 1 .. n] at /2, /4 .. /2^(n+1).
     ``block="basic"`` gives ResNet-34; ``checkpointing`` recomputes stages in the backward pass (3D memory).
     The encoder protocol, for an ``encoder=`` of your own: an nn.Module whose forward(x) returns the maps [stem,
-    stage 1 .. n], each halving the size, with ``channels``, their channel counts. MTAN and CTAN also call ``stem``
-    (x -> first map), ``pool`` (first map -> stage 1's input), ``stages`` (n nn.Sequential of >= 2 blocks: the
-    masks read the next-to-last) and, for transition="block", ``block``, a class: block(dims, cin, cout, stride,
-    norm_kind). Optional: ``run(fn, *args)``, returning fn(*args) (checkpointing)."""
+    stage 1 .. n], each halving the size, with ``channels``, their channel counts. MTAN and CTAN run its parts, not
+    forward: ``stem`` (x -> first map), ``pool`` (-> stage 1's input), ``stages`` (n nn.Sequential of >= 2 blocks,
+    the last keeping its input's shape: the masks read both) and, for transition="block", ``block``, a class:
+    block(dims, cin, cout, stride, norm_kind). Optional: ``run(fn, *args)``, returning fn(*args) (checkpointing)."""
     def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), block="bottleneck", norm_kind="batch",
                  checkpointing=False):
         super().__init__()
@@ -470,8 +472,7 @@ class MFEUNet(MultiTaskNet):
     def __init__(self, tasks, in_channels, dims=2, norm_kind="batch", encoder=None, dilations=(6, 12, 18),
                  classifier_levels=(-2, -1), classifier_hidden=32, **options):
         check_arg("dilations", dilations, is_ints, "a tuple of integers >= 1, e.g. (6, 12, 18)")
-        super().__init__(tasks, in_channels, dims, norm_kind, encoder, classifier_levels, classifier_hidden,
-                         **options)
+        super().__init__(tasks, in_channels, dims, norm_kind, encoder, classifier_levels, classifier_hidden, **options)
         self.pixel_tasks = [name for name, (kind, _) in self.tasks.items() if kind == "pixel"]
         self.dfe = nn.ModuleList(DilatedFeatureEnhancement(dims, c, dilations, norm_kind)
                                  for c in (self.encoder.channels[:-1] if self.pixel_tasks else []))
@@ -536,8 +537,7 @@ class GuidedModel(Frozen):
         check_arg("inferior", inferior, lambda v: isinstance(v, STL), "an STL model (its encoders, one per task)")
         self.inferior, self.guidance, self.combine = inferior, guidance, heads is None
         self.in_channels, self.dims, self.tasks = inferior.in_channels, inferior.dims, inferior.tasks
-        channels = {name: [2 * c for c in encoder.channels] for name, encoder in inferior.encoders.items()}
-        self.heads = heads or nn.ModuleDict({name: make_head(self.dims, kind, channels[name], n)
+        self.heads = heads or nn.ModuleDict({name: make_head(self.dims, kind, [2 * c for c in inferior.channels], n)
                                              for name, (kind, n) in self.tasks.items()})
         self.train()
 
@@ -643,7 +643,7 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     try:
         return NETWORKS[arch](tasks, in_channels, dims, norm_kind, ours if encoder is None else encoder, **options)
     except UnknownOption as e:  # build_model's own options are valid too
-        raise UnknownOption(f"build_model: {e}, and width, depth, block, checkpointing" +
+        raise UnknownOption(f"build_model: {e}" + ", and width, depth, block, checkpointing" * (encoder is None) +
                             ", attention_heads, window" * (arch == "mfe" and encoder is None)) from None
 
 def count_parameters(model):

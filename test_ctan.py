@@ -425,7 +425,7 @@ def test_own_encoder_by_protocol_module_or_factory():
         ctan.MTAN(TWO, 1, encoder=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="stl builds one per task"):
         ctan.STL(TWO, 1, encoder=OwnEncoder())
-    with pytest.raises(TypeError, match="unknown option 'window'.* checkpointing$"):  # on your encoder=, not here
+    with pytest.raises(TypeError, match="unknown option 'window'; valid: .*dilations$"):  # on your encoder=
         ctan.build_model("mfe", TWO, 1, encoder=OwnEncoder(), window=4)
     with pytest.raises(TypeError, match="unknown option 'windows'.* checkpointing, attention_heads, window$"):
         ctan.build_model("mfe", TWO, 1, windows=4)
@@ -433,8 +433,19 @@ def test_own_encoder_by_protocol_module_or_factory():
     with pytest.raises(ValueError, match="stl builds one per task"):  # a factory returning one module: HPS in disguise
         ctan.STL(TWO, 1, encoder=lambda: shared)
     for arch in ("mtan", "ctan"):  # a wrong .channels: named before a mask's convolution fails on it
-        with pytest.raises(ValueError, match=r"encoder.channels\[2\] must be stage 2: 16, got 32"):
+        with pytest.raises(ValueError, match=r"channels\[2\] = 32, got \[16, 4, 4\] -> \[16, 4, 4\]$"):
             ctan.build_model(arch, TWO, 1, encoder=OwnEncoder(channels=(8, 8, 32)))(x)
+    last_strides = OwnEncoder()  # the protocol but for one thing: stage 2's last block halves the size and widens
+    last_strides.stages[1] = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, 1, 1), torch.nn.Conv2d(8, 16, 3, 2, 1))
+    ctan.build_model("hps", TWO, 1, encoder=last_strides)(x)  # fine where no mask reads the next-to-last block
+    with pytest.raises(ValueError, match=r"stage 2's last block to keep its input's \(C, \*S\).* \[8, 8, 8\] -> "):
+        ctan.build_model("ctan", TWO, 1, encoder=last_strides, transition="conv")(x)
+    not_sequential = OwnEncoder()
+    not_sequential.stages[0] = torch.nn.Conv2d(8, 8, 3, 2, 1)
+    with pytest.raises(ValueError, match=r"got \[0, 2\] blocks \(0: not an nn.Sequential\)"):
+        ctan.build_model("mtan", TWO, 1, encoder=not_sequential)
+    with pytest.raises(TypeError, match="unknown option 'heads'; valid: .*gate_init$"):  # not build_model's width...
+        ctan.build_model("ctan", TWO, 1, encoder=OwnEncoder(), heads=2)  # ...which are refused with encoder=
 
 
 def test_heads_follow_the_model_dtype():
