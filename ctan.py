@@ -385,8 +385,7 @@ def avg_pool(x, factor):
     """Average-pool each spatial axis by its ``factor`` (ceil mode), 2D or 3D."""
     return x if max(factor) == 1 else (F.avg_pool2d if x.dim() == 4 else F.avg_pool3d)(x, factor, ceil_mode=True)
 def upsample(y, factor, size):
-    """avg_pool's map back to ``size``: y (B, C, *S') upsampled by ``factor`` per axis (nearest: each block gets its
-    token's value), the edge blocks cut to ``size``."""
+    """avg_pool's map back to ``size``: y (B, C, *S') upsampled by ``factor`` per axis (nearest), edges cut."""
     return y if max(factor) == 1 else F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *map(slice, size))]
 def run(encoder, fn, *args):
     """fn(*args) through the encoder's ``run`` (gradient checkpointing), where it has one."""
@@ -401,8 +400,7 @@ def window_partition(x, window):
     b, c, *s = x.shape
     grid = [n // w for n, w in zip(s, window)]
     x = x.reshape(b, c, *[v for g, w in zip(grid, window) for v in (g, w)])
-    d = len(s)  # axes: b, c, g1, w1, g2, w2, (g3, w3)
-    x = x.permute(0, *[2 + 2 * i for i in range(d)], *[3 + 2 * i for i in range(d)], 1)
+    x = x.permute(0, *range(2, 2 * len(s) + 2, 2), *range(3, 2 * len(s) + 3, 2), 1)  # b, c, g1, w1.. -> b, g.., w.., c
     return x.reshape(-1, math.prod(window), c), grid
 
 def window_merge(tokens, grid, window, batch):
@@ -516,6 +514,8 @@ class GuidanceObjective(Frozen):
     frozen = ("inferior", "superior")
     def __init__(self, inferior, superior, guidance):
         super().__init__()
+        check_arg("superior", superior, lambda v: v.tasks == inferior.tasks and v.channels == inferior.channels,
+                  "a model of the inferior's tasks and encoder channels (its features are G's targets)")
         self.inferior, self.superior, self.guidance = inferior, superior, guidance
         self.train()
 

@@ -2047,6 +2047,10 @@ def test_guided_model_shapes(dims):
     assert not heads.training
     with pytest.raises(ValueError, match="x must be a float tensor"):  # stage (b) reads [CT ; masks], checked
         ctan.GuidanceObjective(inferior, superior, g)(x)
+    for tasks, width in [({"dose": ("pixel", 2)}, 4), (train.DOSE_TASK, 8)]:  # G's targets: the inferior's shapes
+        other = ctan.build_model("stl", tasks, cin_sup, dims=dims, width=width, depth=(1, 1, 1, 1))
+        with pytest.raises(ValueError, match="superior must be a model of the inferior's tasks and encoder channels"):
+            ctan.GuidanceObjective(inferior, other, g)
 
 
 class _NoMasks(torch.utils.data.Dataset):
