@@ -1911,7 +1911,7 @@ def test_bench_with_compile_times_the_compiled_model(synthetic, tmp_path, monkey
 
 
 DDP_SPY = """
-import json, os, sys
+import json, os, sys, time
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import train
@@ -1923,7 +1923,7 @@ def fit(run, log=print):
     return best
 train.fit = fit
 train.main(sys.argv[3:])
-json.dump({"seen": seen, **state}, open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w"))
+json.dump({"seen": seen, **state, "left": time.time()}, open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w"))
 """
 
 
@@ -1941,6 +1941,7 @@ def test_torchrun_two_processes_gloo(synthetic, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["seen"] and set(r["seen"]) == {r["device"]} for r in ranks)
     assert ranks[0]["log_vars"] == ranks[1]["log_vars"] and ranks[0]["log_vars"] != [0.0, 0.0]
+    assert ranks[1]["left"] >= (out / "results.json").stat().st_mtime  # process 1 leaves after 0's test, not alone
     # 84 training items, 4 per process and step, 2 processes: 10 steps, capped at 2 (--max-steps-per-epoch)
     assert "2 steps/epoch" in proc.stdout
 

@@ -919,6 +919,8 @@ def run_training(args, log=print):
                         else "interrupted: nothing was saved (no epoch had finished)") from KeyboardInterrupt()
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if sys.exc_info()[0] is None:  # done: every process waits for process 0's test, then all leave together
+                torch.distributed.barrier()  # (a gloo process that destroys the group alone can abort: seen in CI)
             torch.distributed.destroy_process_group()
 
 class Parser(argparse.ArgumentParser):
