@@ -1923,7 +1923,8 @@ def fit(run, log=print):
     return best
 train.fit = fit
 train.main(sys.argv[3:])
-json.dump({"seen": seen, **state, "left": time.time()}, open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w"))
+state["left"] = time.time()  # after train.main's end: its barrier and the group's destruction
+json.dump({"seen": seen, **state}, open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w"))
 """
 
 
