@@ -193,6 +193,7 @@ class MTAN(MultiTaskNet):
         self.needs = self.needs + (("block",) if transition == "block" else ())
         super().__init__(tasks, in_channels, dims, norm_kind, encoder, **options)
         enc, names = self.encoder, list(self.tasks)
+        check_arg("encoder", enc, lambda v: not getattr(v, "branches", None), "one without branches (MTAN skips them)")
         blocks = [len(st) if isinstance(st, nn.Sequential) else 0 for st in enc.stages]  # 0: not an nn.Sequential
         if len(enc.channels) != len(blocks) + 1 or min(blocks, default=0) < 2:  # the masks read the next-to-last
             raise ValueError(f"depth (or encoder): mtan/ctan need stages of >= 2 blocks (nn.Sequential), channels for "
@@ -247,8 +248,7 @@ class CTAN(MTAN):
             CrossTaskAttention(1, *attention)
 
 class STL(MultiTaskNet):
-    """Single-task learning baseline (from the paper's comparison): one full encoder per task, nothing shared;
-    tasks only meet in the summed loss."""
+    """Single-task learning baseline (from the paper's comparison): an encoder per task, tasks meet only in the loss."""
     per_task_encoders = True
     def features(self, x):
         return {name: enc(x) for name, enc in self.encoders.items()}
@@ -448,9 +448,8 @@ class ResFormerEncoder(ResNetEncoder):
                               window) for i in range(len(depth)))
 
 class DilatedFeatureEnhancement(nn.Module):
-    """DFE skip refinement (from MFE-UNet): a 1x1 branch and 3x3 branches with dilations 6, 12, 18, concatenated,
-    fused by conv + BN, plus a 1x1 shortcut, ReLU, then CBAM spatial attention: y * sigmoid(conv7x7([mean_c y ;
-    max_c y])). Branch width C/4 is ours."""
+    """DFE skip refinement (from MFE-UNet): a 1x1 and 3x3 branches dilated 6, 12, 18, concatenated, fused by conv +
+    BN, plus a 1x1 shortcut, ReLU, then CBAM: y * sigmoid(conv7x7([mean_c y ; max_c y])). Branch width C/4: ours."""
     def __init__(self, dims, channels, dilations=(6, 12, 18), norm_kind="batch"):
         super().__init__()
         mid = max(1, channels // 4)
@@ -632,6 +631,7 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     function returning one; see ResNetEncoder for the protocol). Other keyword options go to the network's class
     (MTAN: ``transition``; CTAN: also ``cross_stages``, ``attention_heads``, ``max_tokens``, ...)."""
     check_arg("arch", arch, lambda v: v in NETWORKS, f"one of {', '.join(ARCHS)}")
+    check_arg("block", block, lambda v: v in ("bottleneck", "basic"), "'bottleneck' or 'basic' (mfe: always basic)")
     default_depth = depth in ((3, 4, 6, 3), [3, 4, 6, 3])  # no tuple(depth): a bad depth gets its own message
     if encoder is not None and (width, default_depth, block, checkpointing) != (64, True, "bottleneck", False):
         raise ValueError("width, depth, block, checkpointing: set them on your encoder=, build_model's are for its own")
