@@ -295,6 +295,7 @@ class ResNetEncoder(nn.Module):
     forward: ``stem`` (x -> first map), ``pool`` (-> stage 1's input), ``stages`` (n nn.Sequential of >= 2 blocks,
     the last keeping its input's shape: the masks read both) and, for transition="block", ``block``, a class:
     block(dims, cin, cout, stride, norm_kind). Optional: ``run(fn, *args)``, returning fn(*args) (checkpointing)."""
+    BLOCKS = {"bottleneck": Bottleneck, "basic": BasicBlock}
     def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), block="bottleneck", norm_kind="batch",
                  checkpointing=False):
         super().__init__()
@@ -302,10 +303,10 @@ class ResNetEncoder(nn.Module):
         for name in ("in_channels", "width"):
             check_arg(name, locals()[name], is_int, "an integer >= 1")
         check_arg("depth", depth, lambda v: len(v) > 0 and is_ints(v), "blocks per stage: (3, 4, 6, 3)")
-        check_arg("block", block, lambda v: v in ("bottleneck", "basic"), "'bottleneck' or 'basic'")
+        check_arg("block", block, lambda v: v in self.BLOCKS, f"one of {tuple(self.BLOCKS)}")
         check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
         check_arg("checkpointing", checkpointing, lambda v: v in (True, False), "True or False")
-        self.block = {"bottleneck": Bottleneck, "basic": BasicBlock}[block]
+        self.block = self.BLOCKS[block]
         self.checkpointing = checkpointing
         self.branches = None  # ResFormer: a module beside each stage, outputs summed
         self.stem = nn.Sequential(*conv_norm(dims, in_channels, width, 7, 2, norm_kind))
@@ -387,8 +388,7 @@ def avg_pool(x, factor):
 def upsample(y, factor, size):
     """avg_pool's map back to ``size``: y (B, C, *S') upsampled by ``factor`` per axis (nearest), edges cut."""
     return y if max(factor) == 1 else F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *map(slice, size))]
-def run(encoder, fn, *args):
-    """fn(*args) through the encoder's ``run`` (gradient checkpointing), where it has one."""
+def run(encoder, fn, *args):  # fn(*args) through the encoder's ``run`` (gradient checkpointing), where it has one
     return encoder.run(fn, *args) if hasattr(encoder, "run") else fn(*args)
 def fp32(x):
     """Autocast off where x lives (ours): output layers run in fp32, as rounding a dose to bf16 costs ~0.04 Gy."""
@@ -631,7 +631,7 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     function returning one; see ResNetEncoder for the protocol). Other keyword options go to the network's class
     (MTAN: ``transition``; CTAN: also ``cross_stages``, ``attention_heads``, ``max_tokens``, ...)."""
     check_arg("arch", arch, lambda v: v in NETWORKS, f"one of {', '.join(ARCHS)}")
-    check_arg("block", block, lambda v: v in ("bottleneck", "basic"), "'bottleneck' or 'basic' (mfe: always basic)")
+    check_arg("block", block, lambda v: v in ResNetEncoder.BLOCKS, f"one of {tuple(ResNetEncoder.BLOCKS)} (mfe: basic)")
     default_depth = depth in ((3, 4, 6, 3), [3, 4, 6, 3])  # no tuple(depth): a bad depth gets its own message
     if encoder is not None and (width, default_depth, block, checkpointing) != (64, True, "bottleneck", False):
         raise ValueError("width, depth, block, checkpointing: set them on your encoder=, build_model's are for its own")
