@@ -108,8 +108,8 @@ class TaskAttention(nn.Module):
         self.mask = nn.Sequential(*conv_norm(dims, cin, mid, 1, 1, norm_kind),
                                   *conv_norm(dims, mid, cout, 1, 1, norm_kind, act=False))
 
-    def forward(self, p_b, p, a_prev=None):  # (B, C, *S) each -> a_t^s (B, C, *S)
-        m = self.mask(p_b if a_prev is None else torch.cat([p_b, a_prev], 1))
+    def forward(self, p_b, p, g_prev=None):  # (B, C, *S) each, g_prev = g^s(a_t^(s-1)) -> a_t^s (B, C, *S)
+        m = self.mask(p_b if g_prev is None else torch.cat([p_b, g_prev], 1))
         return m.sigmoid_() * p  # in place: the norm's backward does not read its output
 
 # The networks: the common base, MTAN, CTAN, then the baselines STL and HPS ------------------------------------------
@@ -144,7 +144,7 @@ class MultiTaskNet(nn.Module):
         self.channels = channels = list((self.encoders[next(iter(self.tasks))] if self.per_task_encoders else
                                          self.encoder).channels)
         check_arg("classifier_levels", classifier_levels, lambda v: len(v) > 0 and is_ints(v, -len(channels)) and
-                  max(v) < len(channels), f"indices into the encoder's {len(channels)} maps, e.g. (-1,): the deepest")
+                  max(v) < len(channels), f"indices into the {len(channels)} maps (stem first), e.g. (-1,): the last")
         self.heads = nn.ModuleDict({name: make_head(dims, kind, channels, n, norm_kind, classifier_levels,
                                                     classifier_hidden) for name, (kind, n) in self.tasks.items()})
 
@@ -352,7 +352,7 @@ class PixelDecoder(nn.Module):
             return self.out(x.to(self.out.weight.dtype))
 
 class ImageClassifier(nn.Module):
-    """Image-level head (ours; the paper's is unpublished): average pooling of encoder ``levels``, then an MLP.
+    """Image-level head (ours; the paper's is unpublished): average pooling of the task's maps ``levels``, then an MLP.
     The MLP runs in fp32 under autocast: bf16 logits would tie scores, and so AUCs."""
     def __init__(self, channels, n_out, levels=(-1,), hidden=256, dropout=0.2):
         super().__init__()
@@ -396,15 +396,14 @@ def fp32(x):
 
 # MFE-UNet (Bui, Le, Bum, Choo, arXiv 2412.00351) ---------------------------------------------------------------------
 def window_partition(x, window):
-    """(B, C, *S) with S divisible by ``window`` -> (B * n_windows, window**dims, C) tokens, and the window grid."""
+    """(B, C, *S) with S divisible by ``window`` -> (B * n_windows, prod(window), C) tokens, and the window grid."""
     b, c, *s = x.shape
     grid = [n // w for n, w in zip(s, window)]
     x = x.reshape(b, c, *[v for g, w in zip(grid, window) for v in (g, w)])
     x = x.permute(0, *range(2, 2 * len(s) + 2, 2), *range(3, 2 * len(s) + 3, 2), 1)  # b, c, g1, w1.. -> b, g.., w.., c
     return x.reshape(-1, math.prod(window), c), grid
 
-def window_merge(tokens, grid, window, batch):
-    """Inverse of ``window_partition``."""
+def window_merge(tokens, grid, window, batch):  # the inverse of window_partition
     d, c = len(grid), tokens.shape[-1]
     x = tokens.reshape(batch, *grid, *window, c)
     x = x.permute(0, 2 * d + 1, *[v for i in range(d) for v in (1 + i, 1 + d + i)])
@@ -536,6 +535,7 @@ class GuidedModel(Frozen):
         check_arg("inferior", inferior, lambda v: isinstance(v, STL), "an STL model (its encoders, one per task)")
         self.inferior, self.guidance, self.combine = inferior, guidance, heads is None
         self.in_channels, self.dims, self.tasks = inferior.in_channels, inferior.dims, inferior.tasks
+        check_arg("heads", heads, lambda v: v is None or set(v) == set(self.tasks), "None (d) or superior.heads (c)")
         self.heads = heads or nn.ModuleDict({name: make_head(self.dims, kind, [2 * c for c in inferior.channels], n)
                                              for name, (kind, n) in self.tasks.items()})
         self.train()
@@ -550,10 +550,10 @@ class GuidedModel(Frozen):
 class Weighting(nn.Module):
     """Task weighting: the task losses {task: scalar} -> one loss, by the named paper's scheme; tasks as the network's.
     equal: the plain sum (ours: the CTAN paper's weighting is not known to us).
-    dwa: Dynamic Weight Average (MTAN): w_k = T softmax_k(r_k / temperature), r_k = L_k(e-1) / L_k(e-2), the mean
+    dwa: Dynamic Weight Average (MTAN): w_t = T softmax_t(r_t / temperature), r_t = L_t(e-1) / L_t(e-2), the mean
          training losses of the last two epochs (w = 1 before): call ``end_epoch`` with each epoch's (in the state).
-    uncertainty: Kendall, Gal, Cipolla (2018): sum_k exp(-s_k) L_k / 2 + s_k / 2 (their regression form; ours for
-         every task), s_k learnable: give ``weighting.parameters()`` to the optimiser (else the weights stay 0.5).
+    uncertainty: Kendall, Gal, Cipolla (2018): sum_t exp(-l_t) L_t / 2 + l_t / 2 (their regression form; ours for
+         every task), l_t a learnt log variance: give ``weighting.parameters()`` to the optimiser (else w_t stays 0.5).
     mfe: MFE-UNet's L_seg + 0.25 L_cls: weight 1 for pixel-level tasks, 0.25 for image-level ones."""
     METHODS = ("equal", "dwa", "uncertainty", "mfe")
     def __init__(self, method, tasks, temperature=2.0):
@@ -568,7 +568,7 @@ class Weighting(nn.Module):
         self.history = []  # mean training loss per task, one list per finished epoch (DWA)
 
     def weights(self):
-        """The current weight of each task (uncertainty: exp(-s) / 2)."""
+        """The current weight w_t of each task (uncertainty: exp(-l_t) / 2)."""
         if self.method == "uncertainty":
             return dict(zip(self.tasks, (0.5 * torch.exp(-self.log_vars)).tolist()))
         if self.method == "dwa" and len(self.history) >= 2:
@@ -577,13 +577,13 @@ class Weighting(nn.Module):
         return {t: 0.25 if self.method == "mfe" and t in self.image_tasks else 1.0 for t in self.tasks}
 
     def forward(self, losses):
-        check_arg("losses", sorted(losses), lambda v: v == sorted(self.tasks), f"one per task: {self.tasks}")
+        check_arg("losses", losses, lambda v: v.keys() == set(self.tasks), f"{{task: loss}} for {self.tasks}")
         if self.method == "uncertainty":
-            return sum(0.5 * torch.exp(-s) * losses[t] + 0.5 * s for t, s in zip(self.tasks, self.log_vars))
+            return sum(0.5 * torch.exp(-l_t) * losses[t] + 0.5 * l_t for t, l_t in zip(self.tasks, self.log_vars))
         return sum(w * losses[t] for t, w in self.weights().items())
 
     def end_epoch(self, mean_losses):
-        check_arg("mean_losses", sorted(mean_losses), lambda v: v == sorted(self.tasks), f"one per task: {self.tasks}")
+        check_arg("mean_losses", mean_losses, lambda v: v.keys() == set(self.tasks), f"{{task: loss}} for {self.tasks}")
         self.history.append([float(mean_losses[t]) for t in self.tasks])
 
     def get_extra_state(self):
@@ -632,7 +632,7 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     (MTAN: ``transition``; CTAN: also ``cross_stages``, ``attention_heads``, ``max_tokens``, ...)."""
     check_arg("arch", arch, lambda v: v in NETWORKS, f"one of {', '.join(ARCHS)}")
     check_arg("block", block, lambda v: v in ResNetEncoder.BLOCKS, f"one of {tuple(ResNetEncoder.BLOCKS)} (mfe: basic)")
-    default_depth = depth in ((3, 4, 6, 3), [3, 4, 6, 3])  # no tuple(depth): a bad depth gets its own message
+    default_depth = isinstance(depth, (tuple, list)) and list(depth) == [3, 4, 6, 3]  # a bad depth: its own message
     if encoder is not None and (width, default_depth, block, checkpointing) != (64, True, "bottleneck", False):
         raise ValueError("width, depth, block, checkpointing: set them on your encoder=, build_model's are for its own")
     enc = dict(width=width, depth=depth, norm_kind=norm_kind, checkpointing=checkpointing)
