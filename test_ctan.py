@@ -218,11 +218,63 @@ def test_mtan_masks_lie_in_unit_interval_and_multiply_shared_features():
             model.masks[s][t].register_forward_hook(lambda m, inp, out, s=s: seen.append((s, inp[:2], torch.sigmoid(
                 m.mask(inp[0] if inp[2] is None else torch.cat([inp[0], inp[2]], 1))), out)))
     model(tiny_input(2))
+    layers = model.masks["2"]["dose"].mask  # sigmoid(norm(conv1x1(ReLU(norm(conv1x1(.))))))
+    assert [type(m).__name__ for m in layers] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"]
+    assert {layers[i].kernel_size for i in (0, 3)} == {(1, 1)}
     assert len(seen) == 8
     for s, (p_b, p), mask, out in seen:
         assert (p_b is blocks[s][0], p is blocks[s][1]) == (True, True), f"stage {s}"
         assert mask.min() > 0 and mask.max() < 1
         torch.testing.assert_close(out, mask * p)
+
+
+@pytest.mark.parametrize("arch", ["mtan", "ctan"])
+def test_task_features_flow_into_the_next_mask_the_skips_and_the_heads(arch):
+    """Each task's a_t^s (CTAN: after the exchange) feeds its head ([stem, a_t^1 .. a_t^n]) and, through the shared
+    transition g^(s+1) and a 2x max-pool, the next stage's mask; CTAN exchanges after every stage by default."""
+    model, x = tiny_model(arch, TWO).eval(), tiny_input(2)
+    assert list(model.cross) == ([] if arch == "mtan" else ["1", "2", "3", "4"])
+    final, into_g, out_g, g_prev, heads, stem = {}, {}, {}, {}, {}, []
+    model.encoder.stem.register_forward_hook(lambda m, inp, out: stem.append(out))
+    for s in "1234":
+        if arch == "ctan":
+            model.cross[s].register_forward_hook(lambda m, inp, out, s=s: final.update(zip([(s, t) for t in TWO], out)))
+        for t in TWO:
+            if arch == "mtan":
+                model.masks[s][t].register_forward_hook(lambda m, inp, out, s=s, t=t: final.update({(s, t): out}))
+            model.masks[s][t].register_forward_hook(lambda m, inp, out, s=s, t=t: g_prev.update({(s, t): inp[2]}))
+        if s != "1":  # g^s runs once per task, in task order
+            model.transitions[s].register_forward_hook(lambda m, inp, out, s=s: into_g.setdefault(s, []).append(inp[0]))
+            model.transitions[s].register_forward_hook(lambda m, inp, out, s=s: out_g.setdefault(s, []).append(out))
+    for t in TWO:
+        model.heads[t].register_forward_pre_hook(lambda m, inp, t=t: heads.update({t: inp[0]}))
+    model(x)
+    for t_index, t in enumerate(TWO):
+        assert heads[t][0] is stem[0] and all(heads[t][int(s)] is final[s, t] for s in "1234")
+        for s in "234":
+            assert into_g[s][t_index] is final[str(int(s) - 1), t]
+            torch.testing.assert_close(g_prev[s, t], torch.nn.functional.max_pool2d(out_g[s][t_index], 2),
+                                       rtol=0, atol=0)
+
+
+def test_ctan_with_the_gate_at_zero_is_mtan():
+    """gamma_t = gate_init at the start; at 0 cross-task attention adds nothing, and CTAN (whose other weights draw
+    as MTAN's, the attention last) gives MTAN's outputs bit for bit."""
+    assert torch.equal(ctan.CrossTaskAttention(8, 3, gate_init=0.3).gate, torch.full((3, 1, 1), 0.3))
+    x = tiny_input(2)
+    mtan, ctan0 = tiny_model("mtan", TWO).eval(), tiny_model("ctan", TWO, gate_init=0.0).eval()
+    for name, out in mtan(x).items():
+        assert torch.equal(ctan0(x)[name], out), name
+    assert not torch.equal(tiny_model("ctan", TWO).eval()(x)["dose"], mtan(x)["dose"])
+
+
+def test_cross_attention_parameters_are_the_stacked_projections_and_the_gate():
+    """W_q^t, b_q^t, W_kv^t (no bias), W_o^t, b_o^t, gamma_t per task, stacked over the T tasks; LN has no affine."""
+    att = ctan.CrossTaskAttention(64, 3)  # D = 16, one head
+    shapes = {n: tuple(p.shape) for n, p in att.named_parameters()}
+    assert shapes == {"w_q": (3, 64, 16), "b_q": (3, 1, 16), "w_kv": (3, 64, 32), "w_o": (3, 16, 64),
+                      "b_o": (3, 1, 64), "gate": (3, 1, 1)}
+    assert not list(att.buffers()) and not list(att.children())
 
 
 def reference_cross_attention(att, feats, factor):
@@ -305,6 +357,44 @@ def test_mfe_classifier_reads_last_two_stages_and_dfe_dilations():
     assert head.mlp[0].in_features == sum(model.encoder.channels[-2:])
     assert [b[0].dilation[0] for b in model.dfe[0].branches] == [1, 6, 12, 18]
     assert all(type(b).__name__ == "BasicBlock" for stage in model.encoder.stages for b in stage)
+
+
+def test_mfe_refined_skips_go_to_every_decoder_and_raw_maps_to_the_image_heads():
+    model, x, seen = tiny_model("mfe", TASK_MIXES["three"], **two_stages("mfe")).eval(), tiny_input(2), {}
+    model.encoder.register_forward_hook(lambda m, inp, out: seen.update(encoder=out))
+    for name in TASK_MIXES["three"]:
+        model.heads[name].register_forward_pre_hook(lambda m, inp, name=name: seen.update({name: inp[0]}))
+    model(x)
+    maps, refined = seen["encoder"], [dfe(f) for dfe, f in zip(model.dfe, seen["encoder"])]
+    assert all(a is b for a, b in zip(seen["grade"], maps)) and len(seen["grade"]) == len(maps)
+    assert seen["dose"] is seen["structures"] and seen["dose"][-1] is maps[-1]  # the deepest map is not refined
+    assert all(torch.equal(a, b) for a, b in zip(seen["dose"], refined)) and len(refined) == len(maps) - 1
+
+
+def test_window_attention_stays_within_its_window():
+    """A ResFormer branch attends within windows of `window` voxels per side (build_model passes `window` on): a
+    change in one window leaves every other window's output as it was."""
+    assert ctan.build_model("mfe", TWO, 1, window=4, **TINY).encoder.branches[0].window == 4
+    branch = ctan.WindowTransformer(2, 8, 8, 1, heads=2, window=4).eval()
+    x = torch.randn(1, 8, 8, 8)
+    y = x.clone()
+    y[..., 1, 2] += 1.0  # in the top-left window
+    a, b = branch(x), branch(y)
+    assert not torch.equal(a[..., :4, :4], b[..., :4, :4])
+    a[..., :4, :4], b[..., :4, :4] = 0, 0
+    assert torch.equal(a, b)
+
+
+def test_resnet_blocks_as_torchvision():
+    """A 7x7 stride-2 stem; a bottleneck strides in its 3x3 convolution (v1.5) and ends with a ReLU after the sum."""
+    with torch.device("meta"):
+        encoder = ctan.ResNetEncoder(2, 1, width=4, depth=(2, 2))
+    assert (encoder.stem[0].kernel_size, encoder.stem[0].stride) == ((7, 7), (2, 2))
+    block = encoder.stages[1][0]  # the first block of stage 2 halves the size
+    assert [c.stride for c in block.body if isinstance(c, torch.nn.Conv2d)] == [(1, 1), (2, 2), (1, 1)]
+    assert [c.kernel_size for c in block.body if isinstance(c, torch.nn.Conv2d)] == [(1, 1), (3, 3), (1, 1)]
+    block = ctan.Bottleneck(2, 8, 8).eval()
+    assert block(torch.randn(2, 8, 4, 4) * 10).min() == 0  # ReLU(body + shortcut)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -578,6 +668,19 @@ def test_pixel_heads_output_conv_runs_in_fp32_under_autocast():
         assert out[name].dtype == inputs[name].dtype == torch.float32
         torch.testing.assert_close(out[name], torch.nn.functional.conv2d(inputs[name], head.weight, head.bias),
                                    rtol=0, atol=0)
+
+
+def test_image_heads_average_pool_then_run_the_mlp_in_fp32_under_autocast():
+    model, x = tiny_model("hps", TASK_MIXES["three"]).eval(), tiny_input(2, size=64)  # eval: no dropout; 2 x 2 maps
+    seen = []
+    model.heads["grade"].mlp[0].register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    model.encoder.register_forward_hook(lambda m, inp, out: seen.append(out[-1]))  # the deepest map
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)["grade"]
+    deepest, pooled = seen
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled, deepest.float().mean((2, 3)), rtol=0.01, atol=0.01)  # averaged in bf16
+    torch.testing.assert_close(out, model.heads["grade"].mlp(pooled), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -1526,6 +1629,12 @@ def test_mfe_weighting_is_seg_plus_quarter_cls_and_the_default_for_mfe():
         assert train.resolve_config(args)["weighting"] == want
 
 
+def test_equal_weighting_is_the_plain_sum():
+    w = ctan.Weighting("equal", TWO)
+    assert w({"dose": torch.tensor(2.0), "diagnosis": torch.tensor(3.0)}).item() == 5.0
+    assert w.weights() == {"dose": 1.0, "diagnosis": 1.0} and not list(w.parameters())
+
+
 def test_uncertainty_weighting_is_learnable():
     w = ctan.Weighting("uncertainty", {"a": ("pixel", 1), "b": ("image", 2)})
     losses = {"a": torch.tensor(2.0), "b": torch.tensor(4.0)}
@@ -1533,6 +1642,7 @@ def test_uncertainty_weighting_is_learnable():
     with torch.no_grad():
         w.log_vars[0] = np.log(2.0)  # exp(-s)/2 * 2 + s/2
     assert w(losses).item() == pytest.approx(0.25 * 2 + 0.5 * np.log(2.0) + 0.5 * 4)
+    assert w.weights() == pytest.approx({"a": 0.25, "b": 0.5})  # w_t = exp(-l_t) / 2
     assert [n for n, _ in w.named_parameters()] == ["log_vars"]
 
 
@@ -2108,7 +2218,8 @@ def test_frozen_stages_stay_bit_identical_and_only_new_parts_train(done, kbp):
     for entry, trained in (("b_guidance", {"guidance"}), ("d_combined", {"heads"})):
         model = train.stage_model(cfg, entry, len(data.OPENKBP_ROIS)).train()
         assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == trained
-        assert all(not m.training for name in model.frozen for m in getattr(model, name).modules())
+        assert all(not m.training for name, part in model.named_children() if name not in trained
+                   for m in part.modules())
 
 
 @pytest.mark.parametrize("dims", [2, 3])
@@ -2135,6 +2246,32 @@ def test_guided_model_shapes(dims):
         other = ctan.build_model("stl", tasks, cin_sup, dims=dims, width=width, depth=(1, 1, 1, 1))
         with pytest.raises(ValueError, match="superior must be a model of the inferior's tasks and encoder channels"):
             ctan.GuidanceObjective(inferior, other, g)
+
+
+def test_guided_models_decode_what_the_method_says():
+    """(b): G's MSE to the superior model's features, averaged over the scales, G reading the inferior model's features
+    of the CT alone; (c): the superior heads decode G(f); (d): new heads decode [f ; G(f)]; in (d) the inferior model
+    and G are frozen and in eval mode (no dropout), the heads alone train."""
+    build = lambda cin: ctan.build_model("stl", train.DOSE_TASK, cin, dims=2, width=4, depth=(1, 1, 1, 1))
+    torch.manual_seed(0)
+    inferior, superior = build(1), build(3)
+    g = ctan.GuidanceNetwork(2, inferior.encoders["dose"].channels)
+    x = torch.randn(2, 3, 32, 32)  # [CT ; 2 ROI masks]
+    objective = ctan.GuidanceObjective(inferior, superior, g).eval()
+    f = inferior.eval().encoders["dose"](x[:, :1])
+    target = superior.eval().encoders["dose"](x)
+    want = sum((gf - t).square().flatten(1).mean(1) for gf, t in zip(g.eval()(f), target)) / len(f)
+    torch.testing.assert_close(objective(x)["guidance"], want)
+    for heads in (superior.heads, None):
+        model, seen = ctan.GuidedModel(inferior, g, heads).train(), []
+        model.heads["dose"].register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+        model(x[:, :1])
+        with torch.no_grad():
+            want = g.eval()(f) if heads is not None else [torch.cat(p, 1) for p in zip(f, g(f))]
+        assert all(torch.equal(a, b) for a, b in zip(seen[0], want)) and len(seen[0]) == len(f)
+        assert not any(m.training for m in [*inferior.modules(), *g.modules()])
+        trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        assert trained == (set() if heads is not None else {"heads"})
 
 
 class _NoMasks(torch.utils.data.Dataset):
