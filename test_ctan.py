@@ -475,6 +475,20 @@ def test_networks_can_be_built_directly_with_default_encoders():
                 factory.encoders["dose"] if arch == "stl" else factory.encoder)
 
 
+def test_readme_parameter_counts_are_the_networks():
+    """README "Networks (default widths)": every count, to 0.1 M, of each dataset's task set (on meta: no weights)."""
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    rows = readme.split("### Networks (default widths)")[1].split("## ")[0].strip().splitlines()
+    table = {r.split("|")[1].strip(" `"): r.split("|")[2:5] for r in rows if r.startswith("| `")}
+    assert list(table) == list(ctan.ARCHS)
+    for column, (name, dims) in enumerate((("openkbp", 2), ("ham10000", 2), ("stoic", 3))):
+        tasks = data.task_spec(name, len(data.OPENKBP_ROIS) if name == "openkbp" else 0)
+        for arch, cells in table.items():
+            with torch.device("meta"):
+                model = ctan.build_model(arch, tasks, data.in_channels(name), dims)
+            assert f"{ctan.count_parameters(model) / 1e6:.1f} M" == cells[column].strip(), (arch, name)
+
+
 def test_unknown_keywords_list_the_valid_options():
     with torch.device("meta"):
         with pytest.raises(TypeError, match="CTAN: unknown option 'width'; valid: dims, norm_kind, encoder, .*"
