@@ -132,7 +132,7 @@ class MultiTaskNet(nn.Module):
                                 f"{', '.join(dict.fromkeys(valid))}")
         self.tasks = check_tasks(tasks)
         self.in_channels = check_arg("in_channels", in_channels, is_int, "an integer >= 1")
-        self.dims = check_arg("dims", dims, lambda v: v in (2, 3), "2 or 3")
+        self.dims = check_arg("dims", dims, lambda v: is_int(v, 2) and v <= 3, "2 or 3")
         check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
         check_arg("classifier_hidden", classifier_hidden, is_int, "an integer >= 1")
         if self.per_task_encoders:
@@ -247,6 +247,11 @@ class CTAN(MTAN):
         with torch.device("meta"):  # its arguments checked, also where no stage has it (on "meta": no weights drawn)
             CrossTaskAttention(1, *attention)
 
+    def get_extra_state(self):  # the task order: the attention's weights are stacked by it, not named
+        return {"tasks": list(self.tasks)}
+    def set_extra_state(self, state):  # a state_dict of another task order would load silently scrambled
+        check_arg("state_dict tasks", state["tasks"], lambda v: v == [*self.tasks], f"the model's {[*self.tasks]}")
+
 class STL(MultiTaskNet):
     """Single-task learning baseline (from the paper's comparison): an encoder per task, tasks meet only in the loss."""
     per_task_encoders = True
@@ -299,15 +304,14 @@ class ResNetEncoder(nn.Module):
     def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), block="bottleneck", norm_kind="batch",
                  checkpointing=False):
         super().__init__()
-        check_arg("dims", dims, lambda v: v in (2, 3), "2 or 3")
+        check_arg("dims", dims, lambda v: is_int(v, 2) and v <= 3, "2 or 3")
         for name in ("in_channels", "width"):
             check_arg(name, locals()[name], is_int, "an integer >= 1")
         check_arg("depth", depth, lambda v: len(v) > 0 and is_ints(v), "blocks per stage: (3, 4, 6, 3)")
         check_arg("block", block, lambda v: v in self.BLOCKS, f"one of {tuple(self.BLOCKS)}")
         check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
         check_arg("checkpointing", checkpointing, lambda v: v in (True, False), "True or False")
-        self.block = self.BLOCKS[block]
-        self.checkpointing = checkpointing
+        self.block, self.checkpointing = self.BLOCKS[block], checkpointing
         self.branches = None  # ResFormer: a module beside each stage, outputs summed
         self.stem = nn.Sequential(*conv_norm(dims, in_channels, width, 7, 2, norm_kind))
         self.pool = (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(3, stride=2, padding=1)
@@ -390,9 +394,8 @@ def upsample(y, factor, size):
     return y if max(factor) == 1 else F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *map(slice, size))]
 def run(encoder, fn, *args):  # fn(*args) through the encoder's ``run`` (gradient checkpointing), where it has one
     return encoder.run(fn, *args) if hasattr(encoder, "run") else fn(*args)
-def fp32(x):
-    """Autocast off where x lives (ours): output layers run in fp32, as rounding a dose to bf16 costs ~0.04 Gy."""
-    return torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False)  # meta: no autocast
+def fp32(x):  # autocast off where x lives, for the heads' output layers (ours); on "meta": none
+    return torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False)
 
 # MFE-UNet (Bui, Le, Bum, Choo, arXiv 2412.00351) ---------------------------------------------------------------------
 def window_partition(x, window):
@@ -494,7 +497,7 @@ class GuidanceNetwork(nn.Module):
             for c in channels)
 
     def forward(self, feats):
-        return [g(f) for g, f in zip(self.maps, feats)]
+        return [g(f) for g, f in zip(self.maps, feats, strict=True)]  # G built for other scales: a ValueError
 
 class Frozen(nn.Module):
     """Base of the guided models (ours): the children named in ``frozen`` get no gradients and stay in eval mode."""
@@ -586,10 +589,10 @@ class Weighting(nn.Module):
         check_arg("mean_losses", mean_losses, lambda v: v.keys() == set(self.tasks), f"{{task: loss}} for {self.tasks}")
         self.history.append([float(mean_losses[t]) for t in self.tasks])
 
-    def get_extra_state(self):
-        return {"history": self.history}
-
+    def get_extra_state(self):  # the task order too: log_vars and history are by position
+        return {"history": self.history, "tasks": self.tasks}
     def set_extra_state(self, state):
+        check_arg("state_dict tasks", state["tasks"], lambda v: v == self.tasks, f"this weighting's {self.tasks}")
         self.history = [list(h) for h in state["history"]]
 
 # Checks and the factory ----------------------------------------------------------------------------------------------
@@ -645,6 +648,3 @@ def build_model(arch, tasks, in_channels, dims=2, width=64, depth=(3, 4, 6, 3), 
     except UnknownOption as e:  # build_model's own options are valid too
         raise UnknownOption(f"build_model: {e}" + ", and width, depth, block, checkpointing" * (encoder is None) +
                             ", attention_heads, window" * (arch == "mfe" and encoder is None)) from None
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())

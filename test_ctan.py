@@ -79,6 +79,10 @@ def fewest_stages(arch):
     return two_stages(arch) if arch in ("mtan", "ctan") else {"depth": (2,)}
 
 
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 def sized_model(arch, tasks, dims, in_channels=2, **options):
     """tiny_model with two stages in 3D."""
     return tiny_model(arch, tasks, dims, in_channels, **{**(two_stages(arch) if dims == 3 else {}), **options})
@@ -127,7 +131,7 @@ def test_official_mtan_transition_is_one_shared_block_then_max_pool_and_conv_is_
         assert g.shortcut[0].in_channels == block.encoder.channels[int(s) - 1]
     step = light.transitions["2"]["diagnosis"]
     assert isinstance(step[0], (torch.nn.Conv2d, torch.nn.Conv3d)) and step[0].kernel_size == (1,) * dims
-    assert step[0].stride == (2,) * dims and ctan.count_parameters(light) < ctan.count_parameters(block)
+    assert step[0].stride == (2,) * dims and count_parameters(light) < count_parameters(block)
     # the shared block sees each task's a^(s-1) on its own (batch statistics per task), then a 2x max-pool
     model, seen = tiny_model("mtan", TWO).train(), []
     model.transitions["3"].register_forward_hook(lambda m, inp, out: seen.append((inp[0].shape, out.shape)))
@@ -402,6 +406,8 @@ def test_resnet_blocks_as_torchvision():
     (lambda: ctan.build_model("hps", {"a": ("voxel", 1)}, 1), "kind in"),
     (lambda: ctan.build_model("hps", {"a": ("pixel", 0)}, 1), "n_out >= 1"),
     (lambda: ctan.build_model("ctan", TWO, 1, dims=4), "dims must be 2 or 3"),
+    (lambda: ctan.build_model("hps", TWO, 1, dims=2.0), "dims must be 2 or 3, got 2.0$"),
+    (lambda: ctan.ResNetEncoder(True, 1), "dims must be 2 or 3, got True$"),
     (lambda: ctan.build_model("stl", {}, 1), "kind in"),
     (lambda: ctan.build_model("ctan", {"a": ("pixel", 1)}, 1, **TINY), "at least two tasks"),
     (lambda: ctan.build_model("mtan", TWO, 1, width=4, depth=(1, 1, 1, 1)), "depth .* stages of >= 2 blocks"),
@@ -470,7 +476,7 @@ def test_networks_can_be_built_directly_with_default_encoders():
     with torch.device("meta"):
         for arch, cls in ctan.NETWORKS.items():
             direct, factory = cls(TWO, 1), ctan.build_model(arch, TWO, 1)
-            assert ctan.count_parameters(direct) == ctan.count_parameters(factory) > 20e6, arch
+            assert count_parameters(direct) == count_parameters(factory) > 20e6, arch
             assert type(direct.encoders["dose"] if arch == "stl" else direct.encoder) is type(
                 factory.encoders["dose"] if arch == "stl" else factory.encoder)
 
@@ -486,7 +492,7 @@ def test_readme_parameter_counts_are_the_networks():
         for arch, cells in table.items():
             with torch.device("meta"):
                 model = ctan.build_model(arch, tasks, data.in_channels(name), dims)
-            assert f"{ctan.count_parameters(model) / 1e6:.1f} M" == cells[column].strip(), (arch, name)
+            assert f"{count_parameters(model) / 1e6:.1f} M" == cells[column].strip(), (arch, name)
 
 
 def test_unknown_keywords_list_the_valid_options():
@@ -1627,6 +1633,33 @@ def test_dwa_weights_by_hand():
     assert restored.weights() == got
 
 
+def test_state_dicts_carry_the_task_order_that_ctan_and_uncertainty_stack_their_weights_by():
+    swapped = dict(reversed(TWO.items()))
+    model, weighting = tiny_model("ctan", TWO, in_channels=1).eval(), ctan.Weighting("uncertainty", TWO)
+    with torch.no_grad():
+        weighting.log_vars.copy_(torch.tensor([0.5, -1.0]))
+    x, buffer = torch.randn(2, 1, 32, 32), io.BytesIO()
+    torch.save({"model": model.state_dict(), "weighting": weighting.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # as train.py reads its checkpoints
+    same, same_w = tiny_model("ctan", TWO, in_channels=1).eval(), ctan.Weighting("uncertainty", TWO)
+    same.load_state_dict(saved["model"])
+    same_w.load_state_dict(saved["weighting"])
+    assert all(torch.equal(same(x)[t], model(x)[t]) for t in TWO) and same_w.weights() == weighting.weights()
+    order = r"state_dict tasks must be the model's \['diagnosis', 'dose'\], got \['dose', 'diagnosis'\]$"
+    with pytest.raises(ValueError, match=order):  # the stacked attention weights would load scrambled
+        tiny_model("ctan", swapped, in_channels=1).load_state_dict(saved["model"])
+    with pytest.raises(ValueError, match=r"must be this weighting's \['diagnosis', 'dose'\]"):  # so would log_vars
+        ctan.Weighting("uncertainty", swapped).load_state_dict(saved["weighting"])
+    hps = tiny_model("hps", TWO, in_channels=1)
+    tiny_model("hps", swapped, in_channels=1).load_state_dict(hps.state_dict())  # its heads load by name
+    inferior = tiny_model("stl", {"dose": ("pixel", 1)}, in_channels=1)
+    superior = tiny_model("stl", {"dose": ("pixel", 1)}, in_channels=2)
+    objective = ctan.GuidanceObjective(inferior, superior, ctan.GuidanceNetwork(2, inferior.channels[:2]))
+    with pytest.raises(ValueError, match="zip"):  # G built for 2 of the encoder's scales: refused, not truncated
+        objective(torch.randn(2, 2, 32, 32))
+
+
 def test_best_checkpoint_rule():
     nan = float("nan")
     assert train.better(0.7, None, "auc_covid") and train.better(0.7, nan, "auc_covid")
@@ -2069,7 +2102,7 @@ def test_transition_option_reaches_the_model(synthetic, tmp_path):
         cfg = train.resolve_config(train.parse_args(_argv(synthetic, tmp_path, "openkbp", "ctan", "--transition",
                                                           transition)))
         model = train.build_model(cfg, data.task_spec("openkbp", 10), 1)
-        sizes[transition] = ctan.count_parameters(model)
+        sizes[transition] = count_parameters(model)
         assert isinstance(model.transitions["2"], ctan.Bottleneck) == (transition == "block")
     assert sizes["conv"] < sizes["block"]
 

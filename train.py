@@ -617,7 +617,7 @@ def load_checkpoint(path, model=None):
     try:
         if model is not None:
             model.load_state_dict(ck["model"])
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # ValueError: ctan.py's check of the task order
         raise UserError(f"{path} holds another model ({str(e).splitlines()[0]}): it was made with other model "
                         "options or another data file (its config is stored in it)") from None
     return ck
@@ -746,7 +746,7 @@ def memory_estimate_gib(cfg, shape):
     states, from one forward on the meta device (no memory used; before cuDNN workspaces)."""
     with torch.device("meta"):
         model, x = build_model(cfg, cfg["tasks"], shape[1]), torch.empty(shape)
-    saved = [16 * ctan.count_parameters(model)]
+    saved = [16 * sum(p.numel() for p in model.parameters())]
     def pack(t):
         saved[0] += 0 if t.is_leaf and t.requires_grad else t.numel() * t.element_size()
         return t
@@ -802,7 +802,7 @@ def bench(cfg, log=print):
     for arch, run, sec in zip(archs, runs, np.median(times, 0)):
         results.append({"bench": name, "arch": arch, "dims": cfg["dims"], "device": device, "input": list(shape),
                         **{k: cfg[k] for k in ("precision", "channels_last", "compile", "width", "steps")},
-                        "depth": list(cfg["depth"]), "params": ctan.count_parameters(run.model),
+                        "depth": list(cfg["depth"]), "params": sum(p.numel() for p in run.model.parameters()),
                         "ms_per_step": round(1000 * sec, 2), "samples_per_s": round(shape[0] / sec, 2),
                         "gflop_per_step": round(run.flops / 1e9, 2), "tflops": round(run.flops / sec / 1e12, 4),
                         "mfu": peak and round(run.flops / sec / 1e12 / peak, 4),
@@ -874,8 +874,8 @@ def experiment(cfg, model, splits, log=print):
         raise UserError("a batch of 1 item meets a 1-voxel bottleneck, too little for BatchNorm: use --batch-size 2+")
     run = make_run(cfg, model, splits)
     log(f"{cfg['arch']} on {cfg['dataset']} ({cfg['dims']}D, {cfg['device']}, {cfg['precision']}): "
-        f"{ctan.count_parameters(model) / 1e6:.2f}M parameters, {len(splits['train'])} training items, "
-        f"{run.steps_per_epoch} steps/epoch")
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(splits['train'])} training items, {run.steps_per_epoch} steps/epoch")
     best = fit(run, log)
     if run.rank != 0:
         return {}
