@@ -481,7 +481,7 @@ class MFEUNet(MultiTaskNet):
 
     def features(self, x):
         feats = self.encoder(x)
-        refined = [dfe(f) for dfe, f in zip(self.dfe, feats)] + feats[-1:]  # decoders read refined skips
+        refined = [dfe(f) for dfe, f in zip(self.dfe, feats)] + [feats[-1]]  # decoders read refined skips
         return {name: refined if name in self.pixel_tasks else feats for name in self.tasks}
 
 # Deep multimodal guidance (Mallya, Hamarneh, MICCAI 2022), for dose prediction ---------------------------------------

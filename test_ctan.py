@@ -536,7 +536,7 @@ def test_an_error_inside_your_encoder_factory_is_reported_as_yours():
 
 def test_own_encoder_by_protocol_module_or_factory():
     x = torch.randn(2, 1, 32, 32)
-    for arch in ("hps", "mtan", "ctan", "stl"):
+    for arch in ("hps", "mtan", "ctan", "stl", "mfe"):
         encoder = OwnEncoder if arch == "stl" else OwnEncoder()  # STL builds one per task: a factory
         model = ctan.build_model(arch, TWO, 1, encoder=encoder)
         out = model(x)
