@@ -592,7 +592,7 @@ class Weighting(nn.Module):
     def get_extra_state(self):  # the task order too: log_vars and history are by position
         return {"history": self.history, "tasks": self.tasks}
     def set_extra_state(self, state):
-        check_arg("state_dict tasks", state["tasks"], lambda v: v == self.tasks, f"this weighting's {self.tasks}")
+        check_arg("state_dict tasks", state.get("tasks"), lambda v: v == self.tasks, f"this weighting's {self.tasks}")
         self.history = [list(h) for h in state["history"]]
 
 # Checks and the factory ----------------------------------------------------------------------------------------------

@@ -403,8 +403,8 @@ def fit(run, log=print):
     select, start, best = cfg["select"], 0, {"epoch": None, "value": None, "metrics": None}
     jsonl = out / "metrics.jsonl"
     if cfg["resume"]:
-        ck = load_checkpoint(out / "last.pt")
-        for part in ("model", "optimizer", "scheduler", "weighting"):
+        ck = load_checkpoint(out / "last.pt", run.model)  # a model it does not fit: one line
+        for part in ("optimizer", "scheduler", "weighting"):
             getattr(run, part).load_state_dict(ck[part])
         torch.set_rng_state(ck["rng"])
         start, best = ck["epoch"], ck["best"]
