@@ -1949,12 +1949,17 @@ def test_damaged_or_foreign_checkpoints_get_one_line(synthetic, tmp_path, capsys
     good = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(good[: len(good) // 2])
     _fails(_argv(synthetic, out, "openkbp", "hps", "--resume"), capsys, str(out / "last.pt"), "truncated or damaged")
+    _fails(_argv(synthetic, tmp_path / "e", "openkbp", "hps", "--eval-only", str(out / "last.pt")), capsys, "last.pt")
     other = torch.load(io.BytesIO(good), weights_only=True)
     other["model"].pop("heads.dose.out.bias")  # e.g. written by another version of the code
     torch.save(other, out / "last.pt")
     _fails(_argv(synthetic, out, "openkbp", "hps", "--epochs", "2", "--resume"), capsys, str(out / "last.pt"),
            "holds another model")
-    _fails(_argv(synthetic, tmp_path / "e", "openkbp", "hps", "--eval-only", str(out / "last.pt")), capsys, "last.pt")
+    other = torch.load(io.BytesIO(good), weights_only=True)
+    del other["weighting"]["_extra_state"]["tasks"]  # the loss weighting's state of another version
+    torch.save(other, out / "last.pt")
+    _fails(_argv(synthetic, out, "openkbp", "hps", "--epochs", "2", "--resume"), capsys, str(out / "last.pt"),
+           "state_dict tasks must be this weighting's")
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     _fails(_argv(synthetic, tmp_path / "e", "openkbp", "hps", "--eval-only", str(tmp_path / "foreign.pt")), capsys,
            "foreign.pt", "not a train.py checkpoint")

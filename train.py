@@ -67,6 +67,7 @@ TASKS = {
 }
 LOWER_IS_BETTER = {"dose_score", "dvh_score", "guidance_mse"}
 RUN_FILES = ("results.json", "results_eval.json", "metrics.jsonl", "last.pt", "best.pt")
+RESUMED = ("model", "optimizer", "scheduler", "weighting")  # the states in last.pt that --resume loads
 
 class UserError(Exception):
     """A problem the user can fix (bad option, missing file, diverged run): one line, exit code 2."""
@@ -403,9 +404,7 @@ def fit(run, log=print):
     select, start, best = cfg["select"], 0, {"epoch": None, "value": None, "metrics": None}
     jsonl = out / "metrics.jsonl"
     if cfg["resume"]:
-        ck = load_checkpoint(out / "last.pt", run.model)  # a model it does not fit: one line
-        for part in ("optimizer", "scheduler", "weighting"):
-            getattr(run, part).load_state_dict(ck[part])
+        ck = load_checkpoint(out / "last.pt", **{part: getattr(run, part) for part in RESUMED})
         torch.set_rng_state(ck["rng"])
         start, best = ck["epoch"], ck["best"]
         if run.rank == 0 and best["epoch"] == start:  # best.pt may not have been written after last.pt
@@ -602,9 +601,10 @@ def atomic_write(obj, path):
     finally:
         tmp.unlink(missing_ok=True)
 
-def load_checkpoint(path, model=None):
-    """A train.py checkpoint (tensors and plain values only: weights_only loading), its weights loaded
-    into `model` if one is given; one line if it is missing, truncated, not ours or another model's."""
+def load_checkpoint(path, **parts):
+    """A train.py checkpoint (tensors and plain values only: weights_only loading), its states loaded into the
+    `parts` given (model=..., and for --resume the rest of RESUMED); one line if it is missing, truncated, not
+    ours or another model's."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -615,16 +615,16 @@ def load_checkpoint(path, model=None):
     if not isinstance(ck, dict) or not {"model", "config", "epoch"} <= set(ck):
         raise UserError(f"{path} is not a train.py checkpoint (it lacks model, config or epoch)")
     try:
-        if model is not None:
-            model.load_state_dict(ck["model"])
-    except (RuntimeError, ValueError) as e:  # ValueError: ctan.py's check of the task order
+        for name, part in parts.items():
+            part.load_state_dict(ck[name])
+    except (KeyError, RuntimeError, ValueError) as e:  # ValueError: ctan.py's check of the task order
         raise UserError(f"{path} holds another model ({str(e).splitlines()[0]}): it was made with other model "
-                        "options or another data file (its config is stored in it)") from None
+                        "options, another data file or another version of the code (its config is in it)") from None
     return ck
 
 def test(run, ckpt_path, log=print):
     """(metrics, epoch, notes) on the test split with the weights of ckpt_path (best.pt: picked on validation)."""
-    ck = load_checkpoint(ckpt_path, run.model)
+    ck = load_checkpoint(ckpt_path, model=run.model)
     metrics, notes = evaluate(run, run.test_ds)
     keys = [k for t in run.cfg["tasks"] for k in TASKS[t][1]]
     log(f"test ({Path(ckpt_path).name}, epoch {ck['epoch']}): " + " ".join(f"{k} {metrics[k]:.4f}" for k in keys))
@@ -697,7 +697,7 @@ def load_stage(cfg, entry, n_rois):
         raise UserError(f"{path} not found: stage {entry[0]} makes it; run `python train.py --dataset {cfg['dataset']} "
                         f"--arch guidance --stage {entry[0]} --data {cfg['data']} --out {cfg['guidance_out']}` first")
     model = stage_model(cfg, entry, n_rois)
-    load_checkpoint(path, model)
+    load_checkpoint(path, model=model)
     return model.eval().requires_grad_(False)
 
 def run_guidance(cfg, log=print):
