@@ -67,7 +67,7 @@ TASKS = {
 }
 LOWER_IS_BETTER = {"dose_score", "dvh_score", "guidance_mse"}
 RUN_FILES = ("results.json", "results_eval.json", "metrics.jsonl", "last.pt", "best.pt")
-RESUMED = ("model", "optimizer", "scheduler", "weighting")  # the states in last.pt that --resume loads
+RESUMED = ("model", "optimizer", "scheduler", "weighting")  # the states last.pt holds and --resume loads
 
 class UserError(Exception):
     """A problem the user can fix (bad option, missing file, diverged run): one line, exit code 2."""
@@ -424,9 +424,8 @@ def fit(run, log=print):
                 log(f"WARNING: validation {note}")
             if better(val[select], best["value"], select):
                 best = {"epoch": epoch, "value": val[select], "metrics": val}
-            atomic_write({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                          "scheduler": run.scheduler.state_dict(), "weighting": run.weighting.state_dict(),
-                          "epoch": epoch, "best": best, "rng": torch.get_rng_state(), "config": cfg}, out / "last.pt")
+            atomic_write({**{part: getattr(run, part).state_dict() for part in RESUMED}, "epoch": epoch, "best": best,
+                          "rng": torch.get_rng_state(), "config": cfg}, out / "last.pt")
             if best["epoch"] == epoch:  # after last.pt: an interrupt in between is repaired on --resume
                 atomic_write({"model": run.model.state_dict(), "epoch": epoch, "config": cfg}, out / "best.pt")
             record = {"epoch": epoch, **stats, "weights": run.weighting.weights(),
