@@ -1,6 +1,7 @@
 """The README "Results" tables from finished runs: `python train.py --summary DIR` reads
 DIR/seedS/FILE-ARCH/results.json (as train.py writes them) and prints, per data file, a markdown table
-of each arch over the seeds, then CTAN against each arch paired by seed. Nothing is written."""
+of each arch over the seeds, then CTAN against each arch and each arch against STL, paired by seed. Nothing is
+written."""
 from pathlib import Path
 import json
 
@@ -21,19 +22,19 @@ def mean_sd(values, pct=False, sign=""):
 def markdown(header, rows):
     return "\n".join("| " + " | ".join(map(str, row)) + " |" for row in [header, ["---"] * len(header), *rows])
 
-def paired(ctan_runs, runs, arch, col, lower_is_better):
-    """CTAN against `arch` on `col` over the seeds both have (None if none): d = ctan - arch per seed (Delta_MTL is
-    against STL: for stl, ctan's own); mean ± sd of d, seeds where CTAN is better, t = mean(d) / (sd(d) / sqrt(n))
-    and whether |t| exceeds Student's t_0.975 with n - 1 degrees of freedom."""
+def paired(a_runs, runs, arch, col, lower_is_better, label):
+    """An arch (CTAN) against `arch` on `col` over the seeds both have (None if none): d = a - arch per seed (Delta_MTL
+    is against STL: for stl, a's own); mean ± sd of d, seeds where a is better, t = mean(d) / (sd(d) / sqrt(n)) and
+    whether |t| exceeds Student's t_0.975 with n - 1 degrees of freedom. The row starts with `label`."""
     base = {s: 0.0 if (arch, col) == ("stl", "Delta_MTL") else r.get(col) for s, r in runs.items()}
-    d = np.array([r[col] - base[s] for s, r in ctan_runs.items() if r.get(col) is not None and base.get(s) is not None])
+    d = np.array([r[col] - base[s] for s, r in a_runs.items() if r.get(col) is not None and base.get(s) is not None])
     if len(d) == 0:
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
         t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
     q = T_975.get(len(d) - 1)
     noise = f"{'yes' if abs(t) > q else 'no'} (t_0.975,{len(d) - 1} = {q})" if q else "n too large for the table"
-    return [f"`{arch}`", col, len(d), mean_sd(d, col.startswith("Delta"), "+"),
+    return [f"`{label}`", col, len(d), mean_sd(d, col.startswith("Delta"), "+"),
             f"{np.sum(d < 0 if col in lower_is_better else d > 0)}/{len(d)}", f"{t:+.2f}" if len(d) > 1 else "",
             noise if len(d) > 1 else "one seed: no sd"]
 
@@ -56,7 +57,7 @@ def read_runs(root):
 def tables(root, tasks_table, lower_is_better, log=print):
     """Per data file: a row per arch (stl, hps, mtan, ctan, mfe, then others) with the seeds found (and missing),
     mean ± sample sd over seeds of each task's metrics (tasks_table: train.TASKS), Delta_MTL per task and overall;
-    then CTAN against each other arch, paired by seed."""
+    then CTAN against each other arch and each arch against STL, paired by seed."""
     runs = read_runs(root)
     seeds = sorted({s for file in runs.values() for by_seed in file.values() for s in by_seed})
     for name, file in runs.items():
@@ -73,11 +74,16 @@ def tables(root, tasks_table, lower_is_better, log=print):
                                                 else ""), *cells])
         log(f"\n{name}: test split, mean ± sample sd over seeds; Delta_MTL against the STL run of the same seed\n")
         log(markdown(["arch", "seeds", *cols], rows))
-        if "ctan" not in file:
-            continue
-        pairs = [paired(file["ctan"], file[a], a, c, lower_is_better) for a in archs if a != "ctan"
-                 for c in ["Delta_MTL", *keys]]
-        log(f"\n{name}: CTAN against each arch, paired by seed: d = ctan - arch per seed, t = mean(d) / (sd(d) / "
-            "sqrt(n)), beyond seed noise where |t| > t_0.975,n-1 (Student)\n")
-        log(markdown(["ctan against", "on", "seeds", "mean ± sd of d", "ctan better", "t", "beyond seed noise"],
-                     [row for row in pairs if row]))
+        if "ctan" in file:
+            pairs = [paired(file["ctan"], file[a], a, c, lower_is_better, a) for a in archs if a != "ctan"
+                     for c in ["Delta_MTL", *keys]]
+            log(f"\n{name}: CTAN against each arch, paired by seed: d = ctan - arch per seed, t = mean(d) / (sd(d) / "
+                "sqrt(n)), beyond seed noise where |t| > t_0.975,n-1 (Student)\n")
+            log(markdown(["ctan against", "on", "seeds", "mean ± sd of d", "ctan better", "t", "beyond seed noise"],
+                         [row for row in pairs if row]))
+        if "stl" in file and len(archs) > 1:
+            pairs = [paired(file[a], file["stl"], "stl", c, lower_is_better, a) for a in archs if a != "stl"
+                     for c in ["Delta_MTL", *keys]]
+            log(f"\n{name}: each arch against STL, paired by seed: d = arch - stl, t as above\n")
+            log(markdown(["arch", "on", "seeds", "mean ± sd of d", "better", "t", "beyond seed noise"],
+                         [row for row in pairs if row]))

@@ -1857,7 +1857,8 @@ def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
 
 
 def test_summary_tables_from_results_json(tmp_path, capsys):
-    """--summary DIR: mean ± sample sd over seeds, Delta_MTL, CTAN paired by seed (numbers by hand), missing seeds."""
+    """--summary DIR: mean ± sample sd over seeds, Delta_MTL, CTAN and each arch against STL paired by seed (numbers
+    by hand), missing seeds."""
     dose = {"stl": (20, 22, 21), "hps": (18, 20, 19), "ctan": (16, 19, 17)}  # per seed 0, 1, 2
     delta = {"hps": ((5, 4, 6), (6, 8, 10), (10, 12, 8)), "ctan": ((10, 8, 12), (14, 10, 18), (12, 12, 12))}
     for arch, scores in dose.items():  # delta: (Delta_MTL, Delta dose, Delta structures) per seed
@@ -1882,6 +1883,9 @@ def test_summary_tables_from_results_json(tmp_path, capsys):
     assert "| `stl` | Delta_MTL | 3 | +12.00 ± 2.00 % | 3/3 | +10.39 | yes (t_0.975,2 = 4.303) |" in rows
     assert "| `hps` | Delta_MTL | 3 | +5.00 ± 3.00 % | 3/3 | +2.89 | no (t_0.975,2 = 4.303) |" in rows
     assert "| `hps` | dice | 3 | +0.00 ± 0.00 | 0/3 |" in out  # a tie is not better
+    against_stl = out.split("each arch against STL")[1]  # d = arch - stl: Delta_MTL is the arch's own, 5, 6, 10
+    assert "| `hps` | Delta_MTL | 3 | +7.00 ± 2.65 % | 3/3 | +4.58 | yes (t_0.975,2 = 4.303) |" in against_stl
+    assert "| `ctan` | dose_score | 3 | -3.667 ± 0.577 | 3/3 | -11.00 | yes (t_0.975,2 = 4.303) |" in against_stl
     shutil.rmtree(tmp_path / "seed2" / "kbp_full-hps")
     assert train.main(["--summary", str(tmp_path)]) is None
     out = capsys.readouterr().out
