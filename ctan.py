@@ -70,8 +70,7 @@ class CrossTaskAttention(nn.Module):
         self.w_o, self.b_o = uniform((n, d, c), d), uniform((n, 1, c), d)  # W_o^t, b_o^t
         self.gate = nn.Parameter(torch.full((n_tasks, 1, 1), float(gate_init)))  # gamma_t
 
-    def pool_factor(self, spatial):
-        """Per axis, the smallest power of 2 (capped at the axis' size) that pools ``spatial`` to <= max_tokens."""
+    def pool_factor(self, spatial):  # per axis: the least power of 2 (at most the axis' size) giving <= max_tokens
         factor = 1
         while self.max_tokens and math.prod([-(-n // min(factor, n)) for n in spatial]) > self.max_tokens:
             factor *= 2
@@ -94,8 +93,7 @@ class CrossTaskAttention(nn.Module):
         u = u.view(n, b, *pooled[0].shape[2:], c).movedim(-1, 2)  # (T, B, C, *S'): channels last, as CPU upsample likes
         return [a_t + upsample(u_t, factor, spatial) for a_t, u_t in zip(a, u)]  # T maps (B, C, *S)
 
-def uniform(shape, fan_in):
-    """A parameter drawn as nn.Linear draws its weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+def uniform(shape, fan_in):  # a parameter drawn as nn.Linear draws its weights and biases: U(+-1/sqrt(fan_in))
     return nn.Parameter(torch.empty(shape).uniform_(-fan_in ** -0.5, fan_in ** -0.5))
 
 class TaskAttention(nn.Module):
@@ -164,6 +162,9 @@ class MultiTaskNet(nn.Module):
             problem = f"lacks {', '.join(missing)}" if missing else "is not an nn.Module"
             raise ValueError(f"encoder must be a module, or a function returning one, with {', '.join(self.needs)} "
                              f"(the protocol: ResNetEncoder): {type(encoder).__name__} {problem}")
+        built = getattr(encoder, "dims", self.dims), getattr(encoder, "in_channels", self.in_channels)  # optional
+        check_arg("encoder's (dims, in_channels)", built, lambda v: v == (self.dims, self.in_channels),
+                  f"the model's {(self.dims, self.in_channels)}")
         return encoder
 
     def check(self, x):
@@ -296,10 +297,10 @@ class ResNetEncoder(nn.Module):
     depth[s-1] blocks and width * 2**(s-1) * expansion channels; returns [stem, stage 1 .. n] at /2, /4 .. /2^(n+1).
     ``block="basic"`` gives ResNet-34; ``checkpointing`` recomputes stages in the backward pass (3D memory).
     The encoder protocol, for an ``encoder=`` of your own: an nn.Module whose forward(x) returns the maps [stem,
-    stage 1 .. n], each halving the size, with ``channels``, their channel counts. MTAN and CTAN run its parts, not
-    forward: ``stem`` (x -> first map), ``pool`` (-> stage 1's input), ``stages`` (n nn.Sequential of >= 2 blocks,
-    the last keeping its input's shape: the masks read both) and, for transition="block", ``block``, a class:
-    block(dims, cin, cout, stride, norm_kind). Optional: ``run(fn, *args)``, returning fn(*args) (checkpointing)."""
+    stage 1 .. n], each half the size of the last, and ``channels``, their channel counts. MTAN and CTAN run its
+    parts instead: ``stem`` (x -> first map), ``pool`` (-> stage 1's input), ``stages`` (n nn.Sequential of >= 2
+    blocks, the last keeping its input's shape) and, for transition="block", ``block``, a class: block(dims, cin,
+    cout, stride, norm_kind). Optional: ``run(fn, *args)``, fn(*args) (checkpointing); ``dims``, ``in_channels``."""
     BLOCKS = {"bottleneck": Bottleneck, "basic": BasicBlock}
     def __init__(self, dims, in_channels, width=64, depth=(3, 4, 6, 3), block="bottleneck", norm_kind="batch",
                  checkpointing=False):
@@ -312,6 +313,7 @@ class ResNetEncoder(nn.Module):
         check_arg("norm_kind", norm_kind, lambda v: v in NORMS, f"one of {NORMS}")
         check_arg("checkpointing", checkpointing, lambda v: v in (True, False), "True or False")
         self.block, self.checkpointing = self.BLOCKS[block], checkpointing
+        self.dims, self.in_channels = dims, in_channels
         self.branches = None  # ResFormer: a module beside each stage, outputs summed
         self.stem = nn.Sequential(*conv_norm(dims, in_channels, width, 7, 2, norm_kind))
         self.pool = (nn.MaxPool2d if dims == 2 else nn.MaxPool3d)(3, stride=2, padding=1)
@@ -321,8 +323,7 @@ class ResNetEncoder(nn.Module):
                                        norm_kind) for j in range(n)])
             for i, (n, cout) in enumerate(zip(depth, self.channels[1:])))
 
-    def run(self, fn, *args):
-        """fn(*args), recomputed in the backward pass when checkpointing is on."""
+    def run(self, fn, *args):  # fn(*args), recomputed in the backward pass when checkpointing is on
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
@@ -369,28 +370,22 @@ class ImageClassifier(nn.Module):
         with fp32(x):
             return self.mlp(x.to(self.mlp[0].weight.dtype))
 
-def make_head(dims, kind, channels, n_out, norm_kind="batch", classifier_levels=(-1,), hidden=256):
-    """One head per task: a decoder for pixel-level tasks, a classifier for image-level ones."""
+def make_head(dims, kind, channels, n_out, norm_kind="batch", classifier_levels=(-1,), hidden=256):  # a task's head
     return (PixelDecoder(dims, channels, n_out, norm_kind) if kind == "pixel" else
             ImageClassifier(channels, n_out, classifier_levels, hidden))
 
 # Dimension-generic layers --------------------------------------------------------------------------------------------
-def conv(dims, cin, cout, k=3, stride=1, dilation=1, bias=False):
-    """A 2D or 3D convolution with 'same' padding for odd kernels."""
+def conv(dims, cin, cout, k=3, stride=1, dilation=1, bias=False):  # 2D or 3D, 'same' padding for odd kernels
     return (nn.Conv2d if dims == 2 else nn.Conv3d)(cin, cout, k, stride, dilation * (k // 2), dilation, bias=bias)
-def norm(dims, channels, kind="batch"):
-    """Batch norm as in ResNet (from ResNet); group and instance norm are our options for small 3D batches."""
+def norm(dims, channels, kind="batch"):  # batch norm as in ResNet; group and instance norm: ours, small 3D batches
     return {"batch": lambda: (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels),
             "group": lambda: nn.GroupNorm(math.gcd(32, channels), channels),
             "instance": lambda: (nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d)(channels, affine=True)}[kind]()
-def conv_norm(dims, cin, cout, k=3, stride=1, norm_kind="batch", act=True, dilation=1):
-    """conv -> norm (-> ReLU), as a list of layers to splice into an ``nn.Sequential``."""
+def conv_norm(dims, cin, cout, k=3, stride=1, norm_kind="batch", act=True, dilation=1):  # [conv, norm (, ReLU)]
     return [conv(dims, cin, cout, k, stride, dilation), norm(dims, cout, norm_kind)] + [nn.ReLU(inplace=True)] * act
-def avg_pool(x, factor):
-    """Average-pool each spatial axis by its ``factor`` (ceil mode), 2D or 3D."""
+def avg_pool(x, factor):  # average-pools each spatial axis by its factor (ceil mode), 2D or 3D
     return x if max(factor) == 1 else (F.avg_pool2d if x.dim() == 4 else F.avg_pool3d)(x, factor, ceil_mode=True)
-def upsample(y, factor, size):
-    """avg_pool's map back to ``size``: y (B, C, *S') upsampled by ``factor`` per axis (nearest), edges cut."""
+def upsample(y, factor, size):  # avg_pool's map (B, C, *S') back to size: nearest, by factor per axis, edges cut
     return y if max(factor) == 1 else F.interpolate(y, scale_factor=factor, mode="nearest")[(..., *map(slice, size))]
 def run(encoder, fn, *args):  # fn(*args) through the encoder's ``run`` (gradient checkpointing), where it has one
     return encoder.run(fn, *args) if hasattr(encoder, "run") else fn(*args)
@@ -398,8 +393,7 @@ def fp32(x):  # autocast off where x lives, for the heads' output layers (ours);
     return torch.autocast("cpu" if x.device.type == "meta" else x.device.type, enabled=False)
 
 # MFE-UNet (Bui, Le, Bum, Choo, arXiv 2412.00351) ---------------------------------------------------------------------
-def window_partition(x, window):
-    """(B, C, *S) with S divisible by ``window`` -> (B * n_windows, prod(window), C) tokens, and the window grid."""
+def window_partition(x, window):  # (B, C, *S), S divisible by window -> (B * n_windows, prod(window), C), the grid
     b, c, *s = x.shape
     grid = [n // w for n, w in zip(s, window)]
     x = x.reshape(b, c, *[v for g, w in zip(grid, window) for v in (g, w)])
@@ -490,14 +484,17 @@ class GuidanceNetwork(nn.Module):
     on one latent; ours for dense features: per encoder scale a 1x1-conv, ReLU, dropout, 1x1-conv network)."""
     def __init__(self, dims, channels, dropout=0.1):
         super().__init__()
+        self.channels = check_arg("channels", channels, is_ints, "the encoder's channel counts, e.g. model.channels")
         check_arg("dropout", dropout, lambda v: is_real(v) and 0 <= v < 1, "a probability in [0, 1)")
         self.maps = nn.ModuleList(nn.Sequential(
             conv(dims, c, c, 1, bias=True), nn.ReLU(inplace=True),
             (nn.Dropout2d if dims == 2 else nn.Dropout3d)(dropout), conv(dims, c, c, 1, bias=True))
             for c in channels)
 
-    def forward(self, feats):
-        return [g(f) for g, f in zip(self.maps, feats, strict=True)]  # G built for other scales: a ValueError
+    def forward(self, feats):  # the inferior's maps [(B, C_i, *S_i)] -> G's predictions of the superior's, same shapes
+        check_arg("G's input", [f.shape[1] for f in feats], lambda v: v == [*self.channels], f"maps of {self.channels} "
+                  "channels (those G was built for)")
+        return [g(f) for g, f in zip(self.maps, feats)]
 
 class Frozen(nn.Module):
     """Base of the guided models (ours): the children named in ``frozen`` get no gradients and stay in eval mode."""
@@ -515,8 +512,9 @@ class GuidanceObjective(Frozen):
     frozen = ("inferior", "superior")
     def __init__(self, inferior, superior, guidance):
         super().__init__()
-        check_arg("superior", superior, lambda v: v.tasks == inferior.tasks and v.channels == inferior.channels,
-                  "a model of the inferior's tasks and encoder channels (its features are G's targets)")
+        check_arg("inferior", inferior, lambda v: isinstance(v, STL), "an STL model (its encoders, one per task)")
+        check_arg("superior", superior, lambda v: isinstance(v, STL) and v.tasks == inferior.tasks and
+                  v.channels == inferior.channels, "an STL model of the inferior's tasks and encoder channels")
         self.inferior, self.superior, self.guidance = inferior, superior, guidance
         self.train()
 
@@ -570,8 +568,7 @@ class Weighting(nn.Module):
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks))) if method == "uncertainty" else None
         self.history = []  # mean training loss per task, one list per finished epoch (DWA)
 
-    def weights(self):
-        """The current weight w_t of each task (uncertainty: exp(-l_t) / 2)."""
+    def weights(self):  # the current weight w_t of each task (uncertainty: exp(-l_t) / 2)
         if self.method == "uncertainty":
             return dict(zip(self.tasks, (0.5 * torch.exp(-self.log_vars)).tolist()))
         if self.method == "dwa" and len(self.history) >= 2:
@@ -580,13 +577,17 @@ class Weighting(nn.Module):
         return {t: 0.25 if self.method == "mfe" and t in self.image_tasks else 1.0 for t in self.tasks}
 
     def forward(self, losses):
-        check_arg("losses", losses, lambda v: v.keys() == set(self.tasks), f"{{task: loss}} for {self.tasks}")
+        check_arg("losses", losses, lambda v: v.keys() == set(self.tasks) and
+                  all(torch.is_tensor(l) and l.numel() == 1 for l in v.values()), f"{{task: loss}} for {self.tasks}, "
+                  "each a tensor of one value (a float has no gradient)")
         if self.method == "uncertainty":
             return sum(0.5 * torch.exp(-l_t) * losses[t] + 0.5 * l_t for t, l_t in zip(self.tasks, self.log_vars))
         return sum(w * losses[t] for t, w in self.weights().items())
 
     def end_epoch(self, mean_losses):
-        check_arg("mean_losses", mean_losses, lambda v: v.keys() == set(self.tasks), f"{{task: loss}} for {self.tasks}")
+        check_arg("mean_losses", mean_losses, lambda v: v.keys() == set(self.tasks) and
+                  all(torch.as_tensor(l).numel() == 1 for l in v.values()), f"{{task: loss}} for {self.tasks}, "
+                  "one number each: the epoch's mean")
         self.history.append([float(mean_losses[t]) for t in self.tasks])
 
     def get_extra_state(self):  # the task order too: log_vars and history are by position
@@ -602,19 +603,18 @@ def is_ints(v, low=1):
     return isinstance(v, (tuple, list, range)) and all(is_int(i, low) for i in v)
 def is_real(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-def check_arg(name, value, ok, valid):
-    """value if ok(value), else one ValueError naming the argument and what it may be."""
+def check_arg(name, value, ok, valid):  # value if ok(value), else one ValueError naming the argument and its range
     try:
         if ok(value):
             return value
     except (TypeError, AttributeError):  # e.g. len() of a number, .values() of a list
         pass
+    got = repr(value)  # in one line: a tensor's dtype and shape, a module's type, a long or multi-line repr's type
     got = (f"{type(value).__name__} {value.dtype} {tuple(value.shape)}" if hasattr(value, "dtype") else
-           type(value).__name__ if isinstance(value, nn.Module) else repr(value))  # one line: no values, no tree
+           type(value).__name__ if isinstance(value, nn.Module) or "\n" in got or len(got) > 200 else got)
     raise ValueError(f"{name} must be {valid}, got {got}")
 
-def check_tasks(tasks):
-    """{name: (kind, n_out)}: names are strings, kind is "pixel" or "image", n_out an integer >= 1."""
+def check_tasks(tasks):  # {name: (kind, n_out)}: names are strings, kind "pixel" or "image", n_out an integer >= 1
     spec = f"(kind, n_out) with kind in {TASK_KINDS} and n_out >= 1 (an integer)"
     check_arg("tasks", tasks, lambda v: isinstance(v, dict) and v, f"{{name: {spec}}}, e.g. {{'dose': ('pixel', 1)}}")
     for name, value in tasks.items():

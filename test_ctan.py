@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -459,6 +460,18 @@ def test_resnet_blocks_as_torchvision():
      r"encoder: its maps have \[8, 8, 16\] channels, its channels say \[8, 8, 8\]"),
     (lambda: ctan.Weighting("uncertainity", TWO), "method must be one of .*'uncertainty'"),
     (lambda: ctan.GuidanceNetwork(2, [4], dropout=1.0), r"dropout must be a probability in \[0, 1\)"),
+    (lambda: ctan.GuidanceNetwork(2, 8), "channels must be the encoder's channel counts, e.g. model.channels, got 8$"),
+    (lambda: ctan.GuidanceObjective(tiny_model("hps", TWO, in_channels=1), tiny_model("hps", TWO, in_channels=2),
+                                    ctan.GuidanceNetwork(2, [4])), "inferior must be an STL model.*got HPS$"),
+    (lambda: ctan.Weighting("uncertainty", TWO)({"dose": 1.0, "diagnosis": 2.0}),  # the model would get no gradient
+     r"each a tensor of one value \(a float has no gradient\), got \{'dose': 1.0"),
+    (lambda: ctan.Weighting("equal", TWO)({"dose": torch.ones(2, 4), "diagnosis": torch.ones(())}), "of one value"),
+    (lambda: ctan.Weighting("dwa", TWO).end_epoch({"dose": [0.5, 0.4], "diagnosis": 1.0}), "for .*, one number each"),
+    (lambda: ctan.build_model("hps", TWO, 1, encoder=ctan.ResNetEncoder(3, 1, 8, (2, 2))),
+     r"encoder's \(dims, in_channels\) must be the model's \(2, 1\), got \(3, 1\)$"),
+    (lambda: ctan.build_model("stl", TWO, 1, encoder=lambda: ctan.ResNetEncoder(2, 3, 8, (2, 2))), r"got \(2, 3\)$"),
+    (lambda: tiny_model("hps", TWO, in_channels=1)([torch.ones(2, 1, 32, 32, device="cpu"), torch.ones(2)]),  # a batch
+     r"x must be a float tensor \(B, 1, H, W\) for a 2D model, got list$"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 40, 40)), "multiple of 32"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 3, 32, 32)), r"a float tensor \(B, 1, H, W\)"),
     (lambda: tiny_model("hps", TWO, in_channels=1)(torch.zeros(1, 1, 32, 32, dtype=torch.uint8)), "Tensor torch.uint8"),
@@ -1655,9 +1668,13 @@ def test_state_dicts_carry_the_task_order_that_ctan_and_uncertainty_stack_their_
     tiny_model("hps", swapped, in_channels=1).load_state_dict(hps.state_dict())  # its heads load by name
     inferior = tiny_model("stl", {"dose": ("pixel", 1)}, in_channels=1)
     superior = tiny_model("stl", {"dose": ("pixel", 1)}, in_channels=2)
-    objective = ctan.GuidanceObjective(inferior, superior, ctan.GuidanceNetwork(2, inferior.channels[:2]))
-    with pytest.raises(ValueError, match="zip"):  # G built for 2 of the encoder's scales: refused, not truncated
-        objective(torch.randn(2, 2, 32, 32))
+    for channels in (inferior.channels[:2], inferior.channels[1:]):  # G for 2 of the scales, for other channels
+        objective = ctan.GuidanceObjective(inferior, superior, ctan.GuidanceNetwork(2, channels))
+        guided = ctan.GuidedModel(inferior, ctan.GuidanceNetwork(2, channels))
+        message = rf"G's input must be maps of {re.escape(str(channels))} channels .*, got \[4, 16, 32, 64, 128\]$"
+        for call, x in ((objective, torch.randn(2, 2, 32, 32)), (guided, torch.randn(2, 1, 32, 32))):
+            with pytest.raises(ValueError, match=message):  # refused in one line, not truncated or torch's conv error
+                call(x)
 
 
 def test_best_checkpoint_rule():
@@ -2305,7 +2322,7 @@ def test_guided_model_shapes(dims):
         ctan.GuidanceObjective(inferior, superior, g)(x)
     for tasks, width in [({"dose": ("pixel", 2)}, 4), (train.DOSE_TASK, 8)]:  # G's targets: the inferior's shapes
         other = ctan.build_model("stl", tasks, cin_sup, dims=dims, width=width, depth=(1, 1, 1, 1))
-        with pytest.raises(ValueError, match="superior must be a model of the inferior's tasks and encoder channels"):
+        with pytest.raises(ValueError, match="superior must be an STL model of the inferior's tasks .*, got STL$"):
             ctan.GuidanceObjective(inferior, other, g)
 
 
