@@ -77,6 +77,8 @@ class CrossTaskAttention(nn.Module):
         return tuple(min(factor, n) for n in spatial)
 
     def forward(self, a):  # a: T maps (B, C, *S) -> T maps (B, C, *S)
+        check_arg("a", a, lambda v: len(v) == len(self.gate) and len({a_t.shape for a_t in v}) == 1 and
+                  v[0].shape[1] == self.w_q.shape[1], f"{len(self.gate)} maps (B, {self.w_q.shape[1]}, *S), one shape")
         b, c, *spatial = a[0].shape
         n, h, d = len(a), self.attention_heads, self.inner
         factor = self.pool_factor(spatial)  # per axis
@@ -170,16 +172,14 @@ class MultiTaskNet(nn.Module):
     def check(self, x):
         check_arg("x", x, lambda v: v.is_floating_point() and v.ndim == self.dims + 2 and v.size(1) == self.in_channels,
                   f"a float tensor (B, {self.in_channels}, {', '.join('DHW'[-self.dims:])}) for a {self.dims}D model")
-        if any(s % 2 ** len(self.channels) for s in x.shape[2:]):  # each of the encoder's maps halves the size
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {2 ** len(self.channels)} "
-                             f"(the encoder halves it {len(self.channels)} times): crop or pad the input")
+        check_arg("spatial size", tuple(x.shape[2:]), lambda v: all(s % 2 ** len(self.channels) == 0 for s in v),
+                  f"a multiple of {2 ** len(self.channels)} (the encoder halves it {len(self.channels)}x): crop or pad")
 
     def forward(self, x):
         self.check(x)
         feats = self.features(x)
-        if any([f.shape[1] for f in maps] != self.channels for maps in feats.values()):
-            raise ValueError(f"encoder: its maps have {[f.shape[1] for f in next(iter(feats.values()))]} channels, "
-                             f"its channels say {self.channels}")
+        check_arg("encoder: its maps' channels", [[f.shape[1] for f in maps] for maps in feats.values()],
+                  lambda v: all(c == self.channels for c in v), f"its channels, {self.channels}, for every task")
         return {name: self.heads[name](maps, x.shape[2:]) for name, maps in feats.items()}
 
 class MTAN(MultiTaskNet):
