@@ -43,7 +43,10 @@ def read_runs(root):
     and "Delta_MTL" (None without a matching STL run) and the tasks. A guidance run's table (no "test") is left out."""
     runs = {}
     for path in sorted(Path(root).glob("seed*/*/results.json")):
-        res = json.loads(path.read_text())
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise data.DataError(f"{path} is not readable JSON ({e}): let that run finish, or move it away") from None
         if "test" not in res:
             continue
         deltas = {f"Delta {t}": v for t, v in (res.get("delta_mtl_per_task") or {}).items()}

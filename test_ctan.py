@@ -1875,6 +1875,9 @@ def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
     for key, value in (("dims", 3), ("synthetic", False), ("split", "val")):  # 2D vs 3D, synthetic vs real, ...
         stl, why = train.matching_stl(cfg, {**this, key: value})
         assert stl is None and key in why and "not comparable" in why
+    hps = dict(cfg, stl=str(tmp_path / "x"))  # a run of another arch named as the baseline: refused
+    assert train.matching_stl(hps, this) == (None, f"{tmp_path / 'x' / 'results.json'} is a run of 'hps', not of stl: "
+                                                   "name an STL run with --stl")
 
 
 def test_summary_tables_from_results_json(tmp_path, capsys):
@@ -1913,6 +1916,10 @@ def test_summary_tables_from_results_json(tmp_path, capsys):
     assert "| `hps` | 2 (1 missing: seed 2) | 19.00 ± 1.41 |" in out
     assert "| `hps` | Delta_MTL | 2 | +6.50 ± 2.12 % | 2/2 | +4.33 | no (t_0.975,1 = 12.706) |" in out
     _fails(["--summary", str(tmp_path / "seed0" / "nothing")], capsys, "holds no results.json", "nothing")
+    broken = tmp_path / "seed7" / "f-stl" / "results.json"  # e.g. cut short when a disk filled up
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"test": ')
+    _fails(["--summary", str(tmp_path)], capsys, f"{broken} is not readable JSON")
     _fails([], capsys, "--dataset and --arch are required")
 
 
@@ -1951,10 +1958,14 @@ def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps,ctan"), "for --bench"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "ctan", "--stage", "b"), "--arch guidance only"),
         (_argv(synthetic, tmp_path / "x", "stoic", "hps", "--batch-size", "1"), "--batch-size 2"),  # 32^3: 1 voxel
+        (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--stl", str(tmp_path / "stl")), "stl not found"),
     ]
+    (tmp_path / "file.txt").write_text("")
+    for out in ("file.txt", "file.txt/run"):  # --out in a file: refused before training, not after epoch 1
+        cases.append((_argv(synthetic, tmp_path / out), f"{tmp_path / 'file.txt'} is not a folder this user can write"))
     for argv, expected in cases:
         _fails(argv, capsys, "error: ", expected)
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and (tmp_path / "file.txt").read_text() == ""
 
 
 def test_training_on_a_damaged_file_names_file_and_dataset(synthetic, tmp_path, capsys):
@@ -1985,6 +1996,9 @@ def test_damaged_or_foreign_checkpoints_get_one_line(synthetic, tmp_path, capsys
     torch.save(other, out / "last.pt")
     _fails(_argv(synthetic, out, "openkbp", "hps", "--epochs", "2", "--resume"), capsys, str(out / "last.pt"),
            "state_dict tasks must be this weighting's")
+    (tmp_path / "empty.pt").write_bytes(b"")  # torch's error has no message: one line all the same
+    _fails(_argv(synthetic, tmp_path / "e", "openkbp", "hps", "--eval-only", str(tmp_path / "empty.pt")), capsys,
+           "empty.pt is not a readable checkpoint", "truncated or damaged")
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     _fails(_argv(synthetic, tmp_path / "e", "openkbp", "hps", "--eval-only", str(tmp_path / "foreign.pt")), capsys,
            "foreign.pt", "not a train.py checkpoint")

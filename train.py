@@ -609,8 +609,9 @@ def load_checkpoint(path, **parts):
     except FileNotFoundError:
         raise UserError(f"{path} not found") from None
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({str(e).strip().splitlines()[0][:120]}): "
-                        "it is truncated or damaged; use another one or train again") from None
+        why = (str(e).strip() or type(e).__name__).splitlines()[0][:120]  # an empty file: an empty message
+        raise UserError(f"{path} is not a readable checkpoint ({why}): it is truncated or damaged; use another one or "
+                        "train again") from None
     if not isinstance(ck, dict) or not {"model", "config", "epoch"} <= set(ck):
         raise UserError(f"{path} is not a train.py checkpoint (it lacks model, config or epoch)")
     try:
@@ -643,6 +644,8 @@ def matching_stl(cfg, results):
     except (OSError, ValueError) as e:
         why = "not found" if isinstance(e, FileNotFoundError) else "unreadable"
         return None, f"STL results {path} {why}: train --arch stl on this --data, or name them with --stl"
+    if stl.get("arch") != "stl":
+        return None, f"{path} is a run of {stl.get('arch')!r}, not of stl: name an STL run with --stl"
     for key in ("dataset", "synthetic", "data_digest", "dims", "split"):
         if stl.get(key) != results[key]:
             return None, f"{path} has {key}={stl.get(key)!r}, this run {results[key]!r}: not comparable"
@@ -658,7 +661,8 @@ def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
     stl, why = matching_stl(cfg, results)
     if stl:
         results["delta_mtl"], results["delta_mtl_per_task"] = delta_mtl(metrics, stl["test"], cfg["tasks"])
-        why = None if len(results["delta_mtl_per_task"]) == len(cfg["tasks"]) else "tasks left out: NaN, or 0 in STL"
+        left_out = [t for t in cfg["tasks"] if t not in results["delta_mtl_per_task"]]
+        why = f"tasks left out (a metric NaN, or 0 in STL): {', '.join(left_out)}" if left_out else None
         log(f"Delta_MTL vs {stl['config']['out']}: {results['delta_mtl']:+.2f}% ("
             + ", ".join(f"{t} {v:+.2f}%" for t, v in results["delta_mtl_per_task"].items()) + ")")
     elif "guidance" not in why:
@@ -839,6 +843,11 @@ def check_out(cfg, log):
     """Nothing silently replaced: a folder that holds a run (with --stage X: stage X and the later ones,
     made from it) is continued with --resume, started over with --overwrite (its run files go), or refused."""
     out = Path(cfg["out"])
+    where = next(p for p in (out, *out.parents) if p.exists())  # the folder, or the one it will be made in
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {where} is not a folder this user can write to: choose another --out")
+    if cfg.get("stl") and not Path(cfg["stl"]).exists():
+        raise UserError(f"--stl {cfg['stl']} not found: name an STL run's folder or its results.json")
     if cfg["resume"] and not list(out.glob("**/last.pt")):
         raise UserError(f"--resume: no last.pt in {out}: start the run without --resume")
     stages = [out / e for e in GUIDANCE if cfg["stage"] != "all" and cfg["stage"] <= e[0]]
