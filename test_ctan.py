@@ -1859,6 +1859,8 @@ def test_outputs_and_delta_mtl_against_the_matching_stl_run(synthetic, tmp_path,
     again = train.main(argv)
     assert json.dumps(again["test"]) == json.dumps(res["test"]) and (out / "results_eval.json").exists()
     assert again["config"]["batch_size"] == 4  # the checkpoint's, not the table's (3D: not the 2D default)
+    err = _fails(argv, capsys, "holds a run", "results_eval.json", "start over with --overwrite")
+    assert "--resume" not in err  # which --eval-only does not take
 
 
 def test_delta_mtl_only_against_a_matching_stl_run(synthetic, tmp_path, capsys):
@@ -1977,6 +1979,14 @@ def test_training_on_a_damaged_file_names_file_and_dataset(synthetic, tmp_path, 
         fh.write(bytes(8))
     _fails(_argv(synthetic, tmp_path / "r", "openkbp", "hps", "--data", str(path)), capsys, str(path), "train/image",
            "damaged")
+
+
+def test_resume_on_a_changed_data_file_is_refused(synthetic, tmp_path, capsys):
+    path, out = _copy(synthetic["openkbp"], tmp_path / "k.h5"), tmp_path / "r"
+    train.main(_argv(synthetic, out, "openkbp", "hps", "--data", str(path), "--epochs", "2", "--stop-after", "1"))
+    data.synth("openkbp", path, n=6, size=32, seed=2, overwrite=True)  # the same name, other content
+    _fails(_argv(synthetic, out, "openkbp", "hps", "--data", str(path), "--epochs", "2", "--resume"), capsys,
+           f"{path} changed since this run began")
 
 
 def test_damaged_or_foreign_checkpoints_get_one_line(synthetic, tmp_path, capsys):

@@ -251,7 +251,10 @@ def open_splits(cfg, log=print):
         raise UserError(f"{path} holds {splits['train'].dataset}, not {name} (check --data)")
     if not all(ds.num_cases for ds in splits.values()):
         raise UserError(f"{path}: a split is empty ({', '.join(f'{s} {d.num_cases}' for s, d in splits.items())})")
-    cfg.update(tasks=splits["train"].tasks, roi_names=splits["train"].roi_names)
+    if cfg.get("data_digest", splits["train"].digest) != splits["train"].digest:  # --resume: the run's last.pt has it
+        raise UserError(f"{path} changed since this run began (other content): resume it on the file it was made "
+                        "with, or start over with --overwrite")
+    cfg.update(tasks=splits["train"].tasks, roi_names=splits["train"].roi_names, data_digest=splits["train"].digest)
     log("config: " + json.dumps(cfg))
     if splits["train"].synthetic:
         log(f"!! WARNING: {path} is a SYNTHETIC stand-in, not the real {name} data: its metrics say nothing "
@@ -855,8 +858,8 @@ def check_out(cfg, log):
     names = ["results_eval.json"] if cfg.get("eval_only") else RUN_FILES
     held = [] if cfg["resume"] else [f / n for f in folders for n in names if (f / n).exists()]
     if held and not cfg["overwrite"]:
-        raise UserError(f"{out} holds a run ({held[0]}): continue it with --resume, choose another --out, "
-                        "or start over with --overwrite")
+        ways = "" if cfg.get("eval_only") else "continue it with --resume, "  # --eval-only has no --resume
+        raise UserError(f"{out} holds a run ({held[0]}): {ways}choose another --out, or start over with --overwrite")
     for path in held + [f / "predictions" for f in folders if held and not cfg.get("eval_only")]:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     log(f"--overwrite: removed {len(held)} files of the earlier run in {out}") if held else None
