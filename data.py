@@ -317,16 +317,20 @@ def _openkbp_raw(raw_dir: Path, rois, shape):
              "a folder holding train-pats/, validation-pats/ and test-pats/ (open-kbp's provided-data)")
     natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731, pt_2 < pt_10
     patients = {s: sorted(filter(Path.is_dir, (raw_dir / d).iterdir()), key=natural) for s, d in OPENKBP_SPLITS.items()}
-    lacking, extra = [], set()
+    lacking, extra, found = [], set(), set()
     for p in (p for ps in patients.values() for p in ps):
         names = {c.name for c in p.glob("*.csv")}
         gone = [f for f in OPENKBP_FILES if f not in names]
         lacking += [f"{p} lacks {', '.join(gone)}"] if gone else []
         extra |= {n[:-4] for n in names} - {f[:-4] for f in OPENKBP_FILES} - set(rois)
+        found |= {n[:-4] for n in names} & set(rois)
     if lacking:
         raise DataError(f"{lacking[0]}: every patient folder needs {', '.join(OPENKBP_FILES)} ({len(lacking)} do not)")
     if not any(patients.values()):
         raise DataError(f"{raw_dir}: no patient folders under {', '.join(OPENKBP_SPLITS.values())}")
+    if not found:  # e.g. an OpenKBP folder converted as prostate: every structure mask would be empty
+        raise DataError(f"{raw_dir}: no patient has a file of the ROIs {', '.join(rois)} (ROI files there: "
+                        f"{', '.join(sorted(extra)) or 'none'}): name the ROIs to keep with --rois")
     note = extra and f"note: ignored ROI files {', '.join(sorted(extra))} (add them to --rois to keep them)"
     return patients, lambda p: read_openkbp_patient(p, shape, rois), note
 
@@ -604,7 +608,8 @@ class H5Dataset(torch.utils.data.Dataset):
         spec = SPECS[self.dataset]
         if self.dims not in spec.model_dims:
             why = {"stoic": "its labels are per scan", "ham10000": "its images are 2D"}[self.dataset]
-            raise DataError(f"{self.dataset} cannot be read with dims={dims}: {why}; use dims={spec.model_dims[0]}")
+            raise DataError(f"{self.path} holds {self.dataset}, which cannot be read with dims={dims}: {why}; use "
+                            f"dims={spec.model_dims[0]}")
         self.modality, self.in_channels = spec.modality, in_channels(self.dataset)
         self.slices = self.dims == 2 and len(meta["spatial"]) == 3
         self.spatial = meta["spatial"][1:] if self.slices else meta["spatial"]  # of one item

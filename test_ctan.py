@@ -925,6 +925,10 @@ def test_prostate_round_trip_with_own_rois(tmp_path):
     assert rc == 0
     check_converted(tmp_path / "p.h5", cases, "prostate", rois)
     assert data.open_dataset(tmp_path / "p.h5", "val").tasks == {"dose": ("pixel", 1), "structures": ("pixel", 3)}
+    wrong = r"no patient has a file of the ROIs Urethra, Penis \(ROI files there: Bladder, PTV, Prostate, Rectum\)"
+    with pytest.raises(data.DataError, match=wrong):  # else every structure mask of the file would be empty
+        data.convert("prostate", tmp_path / "raw", tmp_path / "q.h5", shape=32, rois=("Urethra", "Penis"))
+    assert not (tmp_path / "q.h5").exists()
 
 
 def _read_csv_independently(path, size, values=True):
@@ -1961,6 +1965,10 @@ def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
         (_argv(synthetic, tmp_path / "x", "openkbp", "ctan", "--stage", "b"), "--arch guidance only"),
         (_argv(synthetic, tmp_path / "x", "stoic", "hps", "--batch-size", "1"), "--batch-size 2"),  # 32^3: 1 voxel
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--stl", str(tmp_path / "stl")), "stl not found"),
+        (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--data", str(tmp_path)), "is a folder: --data takes"),
+        (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--data", str(synthetic["stoic"])), "stoic.h5 holds stoic"),
+        (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--bench", "--data", str(tmp_path / "typo.h5")),
+         "typo.h5 not found: name an HDF5 file, or time random tensors with --data none"),
     ]
     (tmp_path / "file.txt").write_text("")
     for out in ("file.txt", "file.txt/run"):  # --out in a file: refused before training, not after epoch 1

@@ -243,6 +243,9 @@ def open_splits(cfg, log=print):
     """{split: Dataset} of the config's HDF5 file (augmented training split with --augment); sets cfg["tasks"] and
     cfg["roi_names"] from the file."""
     path, name = cfg["data"], cfg["dataset"]
+    if Path(path).is_dir():  # e.g. the raw release's folder
+        raise UserError(f"{path} is a folder: --data takes an HDF5 file; `python data.py convert {name} RAW_DIR --out "
+                        "FILE` makes one from a raw release")
     if not Path(path).is_file():
         raise UserError(f"{path} not found: make it with `python data.py synth {name} --out {path}` (synthetic) "
                         f"or `python data.py convert {name} RAW_DIR --out {path}`")
@@ -783,6 +786,8 @@ def bench(cfg, log=print):
     is known), then one of time and FLOP ratios to the first arch. Asserts no time."""
     name, archs, cuda = cfg["dataset"], cfg["arch"].split(","), cfg["device"] == "cuda"
     cfg = dict(cfg, tasks=data.task_spec(name, len(data.SPECS[name].rois)))
+    if not Path(cfg["data"]).is_file() and cfg["data"] not in ("none", str(data.default_path(name))):
+        raise UserError(f"--data {cfg['data']} not found: name an HDF5 file, or time random tensors with --data none")
     ds = open_splits(cfg, log)["train"] if Path(cfg["data"]).is_file() else None  # sets cfg's tasks, ROIs; not empty
     shape = (cfg["batch_size"], data.in_channels(name), *(ds.spatial if ds else DEFAULTS[name]["size"][-cfg["dims"]:]))
     runs = [make_run(dict(cfg, arch=a), build_model(dict(cfg, arch=a), cfg["tasks"], shape[1]), None, 10**6)
