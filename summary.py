@@ -52,7 +52,10 @@ def read_runs(root):
         deltas = {f"Delta {t}": v for t, v in (res.get("delta_mtl_per_task") or {}).items()}
         row = {**res["test"], **deltas, "Delta_MTL": res.get("delta_mtl"), "tasks": res["config"]["tasks"]}
         file = runs.setdefault(path.parent.name.removesuffix(f"-{res['arch']}"), {})
-        file.setdefault(res["arch"], {})[res["config"]["seed"]] = row
+        seeds = file.setdefault(res["arch"], {})
+        if res["config"]["seed"] in seeds:  # e.g. a run copied into another seedS folder
+            raise data.DataError(f"{path}: a second {res['arch']} run of seed {res['config']['seed']} on this file")
+        seeds[res["config"]["seed"]] = row
     if not runs:
         raise data.DataError(f"{root} holds no results.json of a finished run (looked for {root}/seedS/FILE-ARCH/)")
     return runs

@@ -1922,6 +1922,9 @@ def test_summary_tables_from_results_json(tmp_path, capsys):
     assert "| `hps` | 2 (1 missing: seed 2) | 19.00 ± 1.41 |" in out
     assert "| `hps` | Delta_MTL | 2 | +6.50 ± 2.12 % | 2/2 | +4.33 | no (t_0.975,1 = 12.706) |" in out
     _fails(["--summary", str(tmp_path / "seed0" / "nothing")], capsys, "holds no results.json", "nothing")
+    shutil.copytree(tmp_path / "seed0" / "kbp_full-ctan", tmp_path / "seed5" / "kbp_full-ctan")  # seed 0 twice
+    _fails(["--summary", str(tmp_path)], capsys, "seed5/kbp_full-ctan/results.json: a second ctan run of seed 0")
+    shutil.rmtree(tmp_path / "seed5")
     broken = tmp_path / "seed7" / "f-stl" / "results.json"  # e.g. cut short when a disk filled up
     broken.parent.mkdir(parents=True)
     broken.write_text('{"test": ')
@@ -1965,6 +1968,7 @@ def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
         (_argv(synthetic, tmp_path / "x", "openkbp", "ctan", "--stage", "b"), "--arch guidance only"),
         (_argv(synthetic, tmp_path / "x", "stoic", "hps", "--batch-size", "1"), "--batch-size 2"),  # 32^3: 1 voxel
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--stl", str(tmp_path / "stl")), "stl not found"),
+        (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--class-weights"), "openkbp has no classification task"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--data", str(tmp_path)), "is a folder: --data takes"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--data", str(synthetic["stoic"])), "stoic.h5 holds stoic"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--bench", "--data", str(tmp_path / "typo.h5")),

@@ -95,6 +95,8 @@ def resolve_config(args):
     cfg["data"] = str(cfg.get("data") or data.default_path(args.dataset))
     if "," not in cfg["arch"] and cfg["arch"] not in ("mtan", "ctan") and "transition" in given:
         raise UserError(f"--transition applies to mtan and ctan (their task branches' transitions), not {cfg['arch']}")
+    if cfg["class_weights"] and not any(TASKS[t][0] == "ce" for t in data.SPECS[args.dataset].tasks):
+        raise UserError(f"--class-weights weights classification losses: {args.dataset} has no classification task")
     default_out = Path(cfg["eval_only"]).parent if cfg.get("eval_only") else Path("runs") / run_name(cfg, cfg["arch"])
     cfg["out"] = str(cfg.get("out") or default_out)
     return cfg
