@@ -588,7 +588,7 @@ class Weighting(nn.Module):
         check_arg("mean_losses", mean_losses, lambda v: v.keys() == set(self.tasks) and
                   all(torch.as_tensor(l).numel() == 1 for l in v.values()), f"{{task: loss}} for {self.tasks}, "
                   "one number each: the epoch's mean")
-        self.history.append([float(mean_losses[t]) for t in self.tasks])
+        self.history.append([float(torch.as_tensor(mean_losses[t])) for t in self.tasks])
 
     def get_extra_state(self):  # the task order too: log_vars and history are by position
         return {"history": self.history, "tasks": self.tasks}
@@ -607,7 +607,7 @@ def check_arg(name, value, ok, valid):  # value if ok(value), else one ValueErro
     try:
         if ok(value):
             return value
-    except (TypeError, AttributeError):  # e.g. len() of a number, .values() of a list
+    except (TypeError, AttributeError, RuntimeError):  # e.g. len() of a number, .values() of a list, a None tensor
         pass
     got = repr(value)  # in one line: a tensor's dtype and shape, a module's type, a long or multi-line repr's type
     got = (f"{type(value).__name__} {value.dtype} {tuple(value.shape)}" if hasattr(value, "dtype") else

@@ -471,6 +471,7 @@ def test_resnet_blocks_as_torchvision():
      r"each a tensor of one value \(a float has no gradient\), got \{'dose': 1.0"),
     (lambda: ctan.Weighting("equal", TWO)({"dose": torch.ones(2, 4), "diagnosis": torch.ones(())}), "of one value"),
     (lambda: ctan.Weighting("dwa", TWO).end_epoch({"dose": [0.5, 0.4], "diagnosis": 1.0}), "for .*, one number each"),
+    (lambda: ctan.Weighting("dwa", TWO).end_epoch({"dose": None, "diagnosis": 1.0}), "for .*, one number each"),
     (lambda: ctan.build_model("hps", TWO, 1, encoder=ctan.ResNetEncoder(3, 1, 8, (2, 2))),
      r"encoder's \(dims, in_channels\) must be the model's \(2, 1\), got \(3, 1\)$"),
     (lambda: ctan.build_model("stl", TWO, 1, encoder=lambda: ctan.ResNetEncoder(2, 3, 8, (2, 2))), r"got \(2, 3\)$"),
@@ -1972,7 +1973,7 @@ def test_user_errors_are_one_line(synthetic, tmp_path, capsys):
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--data", str(tmp_path)), "is a folder: --data takes"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--data", str(synthetic["stoic"])), "stoic.h5 holds stoic"),
         (_argv(synthetic, tmp_path / "x", "openkbp", "hps", "--bench", "--data", str(tmp_path / "typo.h5")),
-         "typo.h5 not found: name an HDF5 file, or time random tensors with --data none"),
+         "typo.h5 is not a file: name an HDF5 file, or time random tensors: --data none"),
     ]
     (tmp_path / "file.txt").write_text("")
     for out in ("file.txt", "file.txt/run"):  # --out in a file: refused before training, not after epoch 1
@@ -1991,6 +1992,12 @@ def test_training_on_a_damaged_file_names_file_and_dataset(synthetic, tmp_path, 
         fh.write(bytes(8))
     _fails(_argv(synthetic, tmp_path / "r", "openkbp", "hps", "--data", str(path)), capsys, str(path), "train/image",
            "damaged")
+
+
+def test_an_out_this_user_cannot_write_is_refused_before_training(synthetic, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.os, "access", lambda path, mode: False)  # a read-only folder (root may write anywhere)
+    _fails(_argv(synthetic, tmp_path / "ro" / "run"), capsys, f"{tmp_path} is not a folder this user can write to")
+    assert not (tmp_path / "ro").exists()
 
 
 def test_resume_on_a_changed_data_file_is_refused(synthetic, tmp_path, capsys):

@@ -670,7 +670,8 @@ def report(run, metrics, best, epoch, notes, log=print, name="results.json"):
     if stl:
         results["delta_mtl"], results["delta_mtl_per_task"] = delta_mtl(metrics, stl["test"], cfg["tasks"])
         left_out = [t for t in cfg["tasks"] if t not in results["delta_mtl_per_task"]]
-        why = f"tasks left out (a metric NaN, or 0 in STL): {', '.join(left_out)}" if left_out else None
+        why = (f"tasks left out (none of their metrics finite and non-zero in STL): {', '.join(left_out)}"
+               if left_out else None)
         log(f"Delta_MTL vs {stl['config']['out']}: {results['delta_mtl']:+.2f}% ("
             + ", ".join(f"{t} {v:+.2f}%" for t, v in results["delta_mtl_per_task"].items()) + ")")
     elif "guidance" not in why:
@@ -789,7 +790,7 @@ def bench(cfg, log=print):
     name, archs, cuda = cfg["dataset"], cfg["arch"].split(","), cfg["device"] == "cuda"
     cfg = dict(cfg, tasks=data.task_spec(name, len(data.SPECS[name].rois)))
     if not Path(cfg["data"]).is_file() and cfg["data"] not in ("none", str(data.default_path(name))):
-        raise UserError(f"--data {cfg['data']} not found: name an HDF5 file, or time random tensors with --data none")
+        raise UserError(f"--data {cfg['data']} is not a file: name an HDF5 file, or time random tensors: --data none")
     ds = open_splits(cfg, log)["train"] if Path(cfg["data"]).is_file() else None  # sets cfg's tasks, ROIs; not empty
     shape = (cfg["batch_size"], data.in_channels(name), *(ds.spatial if ds else DEFAULTS[name]["size"][-cfg["dims"]:]))
     runs = [make_run(dict(cfg, arch=a), build_model(dict(cfg, arch=a), cfg["tasks"], shape[1]), None, 10**6)
@@ -853,7 +854,7 @@ def check_out(cfg, log):
     """Nothing silently replaced: a folder that holds a run (with --stage X: stage X and the later ones,
     made from it) is continued with --resume, started over with --overwrite (its run files go), or refused."""
     out = Path(cfg["out"])
-    where = next(p for p in (out, *out.parents) if p.exists())  # the folder, or the one it will be made in
+    where = next(p for p in (out, *out.parents) if os.path.exists(p))  # the folder, or the one it will be made in
     if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {where} is not a folder this user can write to: choose another --out")
     if cfg.get("stl") and not Path(cfg["stl"]).exists():
