@@ -609,9 +609,9 @@ def check_arg(name, value, ok, valid):  # value if ok(value), else one ValueErro
             return value
     except (TypeError, AttributeError, RuntimeError):  # e.g. len() of a number, .values() of a list, a None tensor
         pass
-    got = repr(value)  # in one line: a tensor's dtype and shape, a module's type, a long or multi-line repr's type
     got = (f"{type(value).__name__} {value.dtype} {tuple(value.shape)}" if hasattr(value, "dtype") else
-           type(value).__name__ if isinstance(value, nn.Module) or "\n" in got or len(got) > 200 else got)
+           type(value).__name__ if isinstance(value, nn.Module) else repr(value))  # one line: no values, no tree
+    got = got if "\n" not in got and len(got) <= 200 else type(value).__name__  # e.g. a list of tensors
     raise ValueError(f"{name} must be {valid}, got {got}")
 
 def check_tasks(tasks):  # {name: (kind, n_out)}: names are strings, kind "pixel" or "image", n_out an integer >= 1

@@ -322,8 +322,9 @@ def _openkbp_raw(raw_dir: Path, rois, shape):
         names = {c.name for c in p.glob("*.csv")}
         gone = [f for f in OPENKBP_FILES if f not in names]
         lacking += [f"{p} lacks {', '.join(gone)}"] if gone else []
-        extra |= {n[:-4] for n in names} - {f[:-4] for f in OPENKBP_FILES} - set(rois)
-        found |= {n[:-4] for n in names} & set(rois)
+        stems = {n[:-4] for n in names}
+        extra |= stems - {f[:-4] for f in OPENKBP_FILES} - set(rois)
+        found |= stems & set(rois)
     if lacking:
         raise DataError(f"{lacking[0]}: every patient folder needs {', '.join(OPENKBP_FILES)} ({len(lacking)} do not)")
     if not any(patients.values()):

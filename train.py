@@ -97,6 +97,8 @@ def resolve_config(args):
         raise UserError(f"--transition applies to mtan and ctan (their task branches' transitions), not {cfg['arch']}")
     if cfg["class_weights"] and not any(TASKS[t][0] == "ce" for t in data.SPECS[args.dataset].tasks):
         raise UserError(f"--class-weights weights classification losses: {args.dataset} has no classification task")
+    if cfg.get("stl") and not Path(cfg["stl"]).exists():
+        raise UserError(f"--stl {cfg['stl']} not found: name an STL run's folder or its results.json")
     default_out = Path(cfg["eval_only"]).parent if cfg.get("eval_only") else Path("runs") / run_name(cfg, cfg["arch"])
     cfg["out"] = str(cfg.get("out") or default_out)
     return cfg
@@ -851,14 +853,12 @@ RUNTIME_KEYS = ("device", "workers", "precision", "channels_last", "compile", "l
 MODEL_KEYS = ("dataset", "arch", "dims", "width", "depth", "transition")  # taken from the checkpoint by --eval-only
 
 def check_out(cfg, log):
-    """Nothing silently replaced: a folder that holds a run (with --stage X: stage X and the later ones,
-    made from it) is continued with --resume, started over with --overwrite (its run files go), or refused."""
+    """Nothing silently replaced: --out in a folder this user can write to; one that holds a run (with --stage X: the
+    stage and the later ones) is continued with --resume, started over with --overwrite (its files go), or refused."""
     out = Path(cfg["out"])
     where = next(p for p in (out, *out.parents) if os.path.exists(p))  # the folder, or the one it will be made in
     if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {where} is not a folder this user can write to: choose another --out")
-    if cfg.get("stl") and not Path(cfg["stl"]).exists():
-        raise UserError(f"--stl {cfg['stl']} not found: name an STL run's folder or its results.json")
     if cfg["resume"] and not list(out.glob("**/last.pt")):
         raise UserError(f"--resume: no last.pt in {out}: start the run without --resume")
     stages = [out / e for e in GUIDANCE if cfg["stage"] != "all" and cfg["stage"] <= e[0]]
